@@ -1,0 +1,34 @@
+# Everything the project needs is installed by these targets into .venv.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test lint typecheck demo bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+typecheck: $(STAMP)
+	$(PY) -m mypy
+
+test: lint typecheck
+	$(PY) -m pytest
+
+demo: $(STAMP)
+	$(PY) -m stages.files --demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/pipeline_overhead.py --stages 8 --frames 5000 --json
+
+clean:
+	rm -rf $(VENV)
