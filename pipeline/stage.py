@@ -20,7 +20,7 @@ from pipeline.control import ControlLane
 from pipeline.metrics import TurnTimeline, Usage
 
 
-class CallLogger(logging.LoggerAdapter):  # type: ignore[type-arg]
+class CallLogger(logging.LoggerAdapter):  # type: ignore[type-arg,unused-ignore]
     """A logger that stamps every record with the call id (``extra={"callId": ...}``)."""
 
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
@@ -41,7 +41,7 @@ class CallContext:
     usage: Usage = field(default_factory=Usage)
     settings: Any = None
     cleanup_bound_s: float = 2.0
-    log: logging.LoggerAdapter = field(init=False)  # type: ignore[type-arg]
+    log: logging.LoggerAdapter = field(init=False)  # type: ignore[type-arg,unused-ignore]
 
     def __post_init__(self) -> None:
         self.log = CallLogger(logging.getLogger("synchire.call"), {"callId": self.call_id})

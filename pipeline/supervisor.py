@@ -154,12 +154,12 @@ class Supervisor:
                 error = _describe(failed.error)
                 reason = f"stage {failed.stage!r} failed: {error}"
             except BaseException as group:  # an ExceptionGroup holding our _CallFailed
-                failed = _find_failure(group)
-                if failed is None:
+                found = _find_failure(group)
+                if found is None:
                     raise
-                status, failed_stage = "failed", failed.stage
-                error = _describe(failed.error)
-                reason = f"stage {failed.stage!r} failed: {error}"
+                status, failed_stage = "failed", found.stage
+                error = _describe(found.error)
+                reason = f"stage {found.stage!r} failed: {error}"
         for p in ports.values():
             p.outbox.close()
             p.inbox.close()
