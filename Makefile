@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test lint typecheck demo bench clean
+.PHONY: install test lint typecheck demo bench bench-compare clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,3 +32,9 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV)
+
+# The comparison needs Pipecat, which is not a dependency of the project (the bench extra).
+bench-compare: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	$(PY) benchmarks/pipeline_overhead.py --stages 8 --frames 20000 --compare pipecat --json
+	$(PY) benchmarks/pipeline_overhead.py --stages 8 --frames 5000 --paced --compare pipecat --json

@@ -1,4 +1,4 @@
-"""Graph: wires stages together with bounded anyio memory object streams.
+"""Graph: wires stages together with bounded frame channels (pipeline/channel.py).
 
 Each stage owns one inbox (a bounded memory stream). An edge ``a → b`` gives ``a``'s outbox a
 send handle on ``b``'s inbox. A stage with several outgoing edges fans out: every frame goes to
@@ -19,13 +19,12 @@ again when received, so they never reach the sink after an interrupt.
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from pipeline.channel import Channel
 from pipeline.control import ControlLane
 from pipeline.stage import Stage
 
@@ -55,72 +54,49 @@ class GraphError(ValueError):
 class _Edge:
     """The send side of one edge into a destination inbox, applying that inbox's policy."""
 
-    __slots__ = ("_drain", "_send", "policy", "stats")
+    __slots__ = ("_chan", "_closed", "policy", "stats")
 
-    def __init__(
-        self,
-        send: MemoryObjectSendStream[Any],
-        drain: MemoryObjectReceiveStream[Any],
-        policy: Policy,
-        stats: EdgeStats,
-    ) -> None:
-        self._send = send
-        self._drain = drain
+    def __init__(self, chan: Channel, policy: Policy, stats: EdgeStats) -> None:
+        chan.add_sender()
+        self._chan = chan
+        self._closed = False
         self.policy = policy
         self.stats = stats
 
     async def send(self, frame: Any) -> None:
+        chan = self._chan
         try:
-            self._send.send_nowait(frame)
-            return
-        except anyio.WouldBlock:
-            pass
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            return  # the destination has finished; nothing downstream wants this frame
-        if self.policy == "block":
-            try:
-                await self._send.send(frame)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                return
-            return
-        # drop_oldest: make room by discarding the oldest queued frame, never wait.
-        while True:
-            try:
-                self._drain.receive_nowait()
+            if self.policy == "block":
+                try:
+                    chan.send_nowait(frame)
+                except anyio.WouldBlock:
+                    await chan.send(frame)
+            elif chan.send_drop_oldest(frame):
                 self.stats.dropped_overflow += 1
-            except (anyio.WouldBlock, anyio.EndOfStream):
-                pass
-            try:
-                self._send.send_nowait(frame)
-                return
-            except anyio.WouldBlock:
-                continue
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                return
+        except anyio.BrokenResourceError:
+            pass  # the destination has finished; nothing downstream wants this frame
 
     def close(self) -> None:
-        self._send.close()
+        if not self._closed:
+            self._closed = True
+            self._chan.close_sender()
 
 
 class GraphInbox:
     """The receive side of a stage's inbox; skips frames of stale epochs."""
 
-    __slots__ = ("_control", "_recv", "stats")
+    __slots__ = ("_chan", "_control", "stats")
 
-    def __init__(
-        self, recv: MemoryObjectReceiveStream[Any], control: ControlLane, stats: EdgeStats
-    ) -> None:
-        self._recv = recv
+    def __init__(self, chan: Channel, control: ControlLane, stats: EdgeStats) -> None:
+        self._chan = chan
         self._control = control
         self.stats = stats
 
     async def receive(self) -> Any:
-        recv, control, stats = self._recv, self._control, self.stats
+        """The next current frame; raises ``anyio.EndOfStream`` when every feeder has ended."""
+        chan, control, stats = self._chan, self._control, self.stats
         while True:
-            try:
-                frame = recv.receive_nowait()
-            except anyio.WouldBlock:
-                frame = await recv.receive()
+            frame = await chan.receive()
             epoch = getattr(frame, "epoch", None)
             if epoch is not None and epoch < control._epoch:
                 stats.dropped_stale += 1
@@ -128,38 +104,53 @@ class GraphInbox:
             stats.delivered += 1
             return frame
 
-    def __aiter__(self) -> AsyncIterator[Any]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[Any]:
+    def receive_nowait(self) -> Any:
+        """Like :meth:`receive` but raises ``anyio.WouldBlock`` instead of waiting."""
         while True:
-            try:
-                frame = await self.receive()
-            except (anyio.EndOfStream, anyio.ClosedResourceError):
-                return
-            yield frame
+            frame = self._chan.receive_nowait()
+            epoch = getattr(frame, "epoch", None)
+            if epoch is not None and epoch < self._control._epoch:
+                self.stats.dropped_stale += 1
+                continue
+            self.stats.delivered += 1
+            return frame
+
+    def __aiter__(self) -> GraphInbox:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            return await self.receive()
+        except anyio.EndOfStream:
+            raise StopAsyncIteration from None
 
     def pending(self) -> int:
-        return self._recv.statistics().current_buffer_used
+        return len(self._chan)
 
     def close(self) -> None:
-        self._recv.close()
+        self._chan.close_receiver()
 
 
 class _EmptyInbox:
     """The inbox of a source stage: ends at once."""
 
-    stats = EdgeStats()
+    def __init__(self) -> None:
+        self.stats = EdgeStats()
 
     async def receive(self) -> Any:
         raise anyio.EndOfStream
 
-    def __aiter__(self) -> AsyncIterator[Any]:
-        return self._iterate()
+    def receive_nowait(self) -> Any:
+        raise anyio.EndOfStream
 
-    async def _iterate(self) -> AsyncIterator[Any]:
-        return
-        yield  # pragma: no cover
+    def __aiter__(self) -> _EmptyInbox:
+        return self
+
+    async def __anext__(self) -> Any:
+        raise StopAsyncIteration
+
+    def pending(self) -> int:
+        return 0
 
     def close(self) -> None:
         pass
@@ -275,13 +266,11 @@ class Graph:
             if not feeders[name]:
                 inboxes[name] = _EmptyInbox()
                 continue
-            send, recv = anyio.create_memory_object_stream[Any](spec.capacity)
+            chan = Channel(spec.capacity)
             stats = EdgeStats()
-            inboxes[name] = GraphInbox(recv, control, stats)
-            handles = [send] + [send.clone() for _ in feeders[name][1:]]
-            send_iter = iter(handles)
+            inboxes[name] = GraphInbox(chan, control, stats)
             for src in feeders[name]:
-                sends[src].append(_Edge(next(send_iter), recv, spec.policy, stats))
+                sends[src].append(_Edge(chan, spec.policy, stats))
         for name in self.stages:
             ports[name] = Ports(inboxes[name], GraphOutbox(sends[name], control))
         return ports
