@@ -24,8 +24,9 @@ typecheck: $(STAMP)
 test: lint typecheck
 	$(PY) -m pytest
 
+# The service in development with offline stand-ins; prints the generated API key.
 demo: $(STAMP)
-	$(PY) -m stages.files --demo
+	ENVIRONMENT=development $(PY) -m server
 
 bench: $(STAMP)
 	$(PY) benchmarks/pipeline_overhead.py --stages 8 --frames 5000 --json

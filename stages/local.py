@@ -346,12 +346,19 @@ class ScriptedBrain:
         pass
 
     async def reply(self, turn: BrainTurn) -> AsyncIterator[BrainEvent]:
+        """The reply's text first, then the transcript of the turn: transcribing the candidate
+        (about a second with pocketsphinx) must never delay what the interviewer says."""
         if self._setup is None or self._tools is None:
             raise BrainError("ScriptedBrain.reply called before start()")
+        async for event in self._respond(turn):
+            yield event
         if turn.audio is not None and turn.text is None and self.transcriber is not None:
             text = await self._transcribe(turn)
             if text is not None:
                 yield UserTranscript(turn.turn_id, text)
+
+    async def _respond(self, turn: BrainTurn) -> AsyncIterator[BrainEvent]:
+        assert self._tools is not None  # reply() checked start() was called
         if self.think_s > 0:
             await self.clock.sleep(self.think_s)
 

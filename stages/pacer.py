@@ -62,6 +62,9 @@ class PacerOptions:
     max_lag_frames: int = 3
     """If the ticker falls behind by more than this many frames (a stalled loop), it skips the
     missed ticks instead of bursting them out, and counts them as ``late_ticks``."""
+    realtime: bool = True
+    """Pace frames at wall-clock speed. False (batch runs to a file): hand frames on as fast as
+    the egress takes them, with no silence and no jitter wait; playback reports still hold."""
     stall_timeout_s: float | None = 10.0
     """A reply whose audio stopped arriving this long ago without its final chunk is treated
     as finished (so underruns and the agent-speaking state do not last forever). None: never."""
@@ -190,6 +193,8 @@ class Pacer:
         self.options = options or PacerOptions()
         self.on_playback_start = on_playback_start
         self.on_playback_stop = on_playback_stop
+        self.on_reply_done: PlaybackCallback | None = None
+        """Called with the clock time whenever a reply is over (played, cut or empty)."""
         self.stats = PacerStats()
         self.origin: float | None = None
         """Clock time of tick 0 of the current schedule (frame n is due at origin + n*period)."""
@@ -353,6 +358,7 @@ class Pacer:
         reply.texts.clear()
         if reply.started:
             self._notify(self.on_playback_stop, now)
+        self._notify(self.on_reply_done, now)
 
     # -- interrupts ---------------------------------------------------------------------------
 
@@ -376,6 +382,9 @@ class Pacer:
     # -- output -------------------------------------------------------------------------------
 
     async def _ticker(self, ctx: CallContext, outbox: Outbox) -> None:
+        if not self.options.realtime:
+            await self._unpaced(outbox)
+            return
         clock = ctx.clock
         period = self._period
         max_lag = self.options.max_lag_frames * period
@@ -404,6 +413,18 @@ class Pacer:
             frame = self._next_frame()
             if frame is not None:
                 await outbox.send(frame)
+
+    async def _unpaced(self, outbox: Outbox) -> None:
+        """Batch mode: every queued frame goes out at once, in order; idle waits for input."""
+        while True:
+            replies = self._replies
+            if replies and replies[0].queued:
+                await outbox.send(self._play(replies[0]))
+                continue
+            if self._inbox_done and not replies:
+                return
+            await self._wake.wait()
+            self._wake = anyio.Event()
 
     def _next_frame(self) -> EgressFrame | None:
         """The frame for this tick (the per-tick work: keep it small)."""

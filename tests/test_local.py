@@ -267,14 +267,15 @@ def test_scripted_interview_greets_asks_acknowledges_and_closes() -> None:
     assert kinds(second) == ["text", "tool:next_question", "text"]
     assert text_of(second) == "Thank you. " + QUESTIONS[1]
 
+    # the transcript comes last: transcribing never delays the interviewer's words
     assert kinds(closing) == [
-        "UserTranscript",
         "text",
         "tool:next_question",
         "text",
         "tool:end_interview",
+        "UserTranscript",
     ]
-    transcript = closing[0]
+    transcript = closing[-1]
     assert transcript == UserTranscript(2, "I once fixed a race condition")
     assert transcriber.calls == [(3200, 8000)]  # the turn with text was not transcribed
     assert "Ana Lima" in text_of(closing) and "last question" in text_of(closing)
