@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import anyio
+import anyio.to_process
 
 from pipeline.clock import Clock, MonotonicClock
 from stages.brain import (
@@ -223,6 +224,10 @@ class PocketsphinxTranscriber:
 
     Rough (a small, older acoustic model; synthetic voices fare worst), but real: enough for a
     development transcript. The decoder loads lazily (about 0.3 s) on the first turn and is reused.
+
+    :meth:`transcribe` runs the decoder in a worker *process*: pocketsphinx holds the GIL while
+    it decodes (measured here: the event loop stalled 850 ms on a 4 s answer), which would stop
+    every call's pacer. anyio keeps the worker process alive and reuses it (and its decoder).
     """
 
     name = "pocketsphinx (offline)"
@@ -256,8 +261,8 @@ class PocketsphinxTranscriber:
         return str(hyp.hypstr).strip() if hyp is not None else ""
 
     async def transcribe(self, pcm: bytes, sample_rate: int = 16000) -> str:
-        return await anyio.to_thread.run_sync(
-            self.transcribe_blocking, pcm, sample_rate, abandon_on_cancel=True
+        return await anyio.to_process.run_sync(
+            _transcribe_in_worker, pcm, sample_rate, cancellable=True
         )
 
     def _load(self) -> Any:
@@ -271,6 +276,17 @@ class PocketsphinxTranscriber:
                 ) from exc
             self._decoder = Decoder(samprate=self.rate, loglevel="FATAL")
         return self._decoder
+
+
+_WORKER_TRANSCRIBER: PocketsphinxTranscriber | None = None
+
+
+def _transcribe_in_worker(pcm: bytes, sample_rate: int) -> str:
+    """Runs in an anyio worker process; the decoder is loaded once per worker."""
+    global _WORKER_TRANSCRIBER
+    if _WORKER_TRANSCRIBER is None:
+        _WORKER_TRANSCRIBER = PocketsphinxTranscriber()
+    return _WORKER_TRANSCRIBER.transcribe_blocking(pcm, sample_rate)
 
 
 # --- scripted interviewer ------------------------------------------------------------------------
