@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import anyio
 
+from interview import telemetry
 from interview.config import Settings
 from interview.conversation import Conversation
 from interview.director import Director
@@ -153,7 +154,9 @@ class InterviewSession:
         self.result: CallResult | None = None
         self._listeners: list[Callable[[dict[str, Any]], None]] = []
         self._transcript = Transcript()
+        self._latency_sent: set[int] = set()
         self._stop_reason: str | None = None
+        self._waiting: anyio.CancelScope | None = None  # waiting for the candidate to connect
         self._supervisor: Supervisor | None = None
         self._director: Director | None = None
         self._conversation: Conversation | None = None
@@ -191,6 +194,8 @@ class InterviewSession:
         if self._stop_reason is not None:
             return
         self._stop_reason = reason
+        if self._waiting is not None:
+            self._waiting.cancel()
         director, conversation = self._director, self._conversation
         if director is None or conversation is None:
             if self._supervisor is not None:
@@ -226,6 +231,10 @@ class InterviewSession:
         settings = self.settings
         end_reason = "failed"
         try:
+            await self._wait_for_candidate()
+            if self._stop_reason is not None and self._director is None:
+                self.state = "ended"  # stopped before anyone connected: nothing was held
+                return await self._deliver(self._stop_reason)
             providers = self.providers(settings)
             director = Director(
                 self.request,
@@ -259,13 +268,29 @@ class InterviewSession:
         self.state = "ended"
         return await self._deliver(end_reason)
 
+    async def _wait_for_candidate(self) -> None:
+        """A live transport with ``wait_connected`` holds the interview (and its greeting)
+        until the candidate connects; :meth:`stop` ends the wait (the WebRTC media stops it
+        with ``candidate_left`` after its join timeout)."""
+        wait = getattr(self.transport, "wait_connected", None)
+        if wait is None or self._stop_reason is not None:
+            return
+        with anyio.CancelScope() as self._waiting:
+            await wait()
+        self._waiting = None
+
     def _build(self, providers: Providers, director: Director) -> tuple[Graph, Conversation]:
         settings = self.settings
         speech = AgentSpeech()
         realtime = self.transport.realtime
+
+        def playback_started(at: float) -> None:
+            speech.started(at)
+            self._report_latency()
+
         pacer = Pacer(
             PacerOptions(realtime=realtime, emit_silence=realtime),
-            on_playback_start=speech.started,
+            on_playback_start=playback_started,
             on_playback_stop=lambda _at: speech.stopped(),
         )
         conversation = Conversation(director, providers.brain, pacer.played)
@@ -290,6 +315,18 @@ class InterviewSession:
         graph.add(egress, policy="drop_oldest" if realtime else "block", capacity=50)
         graph.connect(pacer, egress)
         return graph, conversation
+
+    def _report_latency(self) -> None:
+        """Once a turn's reply reaches the transport its figures are complete: send them as a
+        live event (the demo page's latency table), to the metrics and to the log."""
+        for record in self.ctx.timeline.turns():
+            if record.turn_id in self._latency_sent or "first_egress" not in record.marks:
+                continue
+            self._latency_sent.add(record.turn_id)
+            figures = record.figures()
+            telemetry.current().observe_turn(figures)
+            log.info("turn %d latency %s", record.turn_id, figures, extra={"callId": self.call_id})
+            self._on_event({"type": "latency", "turnId": record.turn_id, **figures})
 
     def _policies(self, graph: Graph) -> dict[str, FailurePolicy]:
         policies: dict[str, FailurePolicy] = {}
