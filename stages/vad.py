@@ -6,10 +6,10 @@ Four small pieces, so that every decision can be tested without audio, tasks or 
   start and speech end events out; states quiet → starting → speaking → stopping.
 * :class:`BargeInPolicy` (pure): decides when speech over the agent's voice is an interruption.
 * :class:`VadFrontEnd`: any 16-bit PCM (any rate, any channels, chunks of any size) → 16 kHz
-  mono 20 ms frames, each with its capture time and a voiced flag: webrtcvad, behind an
-  :class:`EnergyGate` (an absolute floor, and a margin over the background noise that hides
-  webrtcvad's own ~100 ms hangover in noisy rooms). Shared by the stage and the CLI, so both
-  run exactly the same logic.
+  mono 20 ms frames, each with its capture time, a voiced flag and where in it the sound is
+  loud: webrtcvad, behind an :class:`EnergyGate` (an absolute floor, and a margin over the
+  background noise that hides webrtcvad's own ~100 ms hangover in noisy rooms). Shared by the
+  stage and the CLI, so both run exactly the same logic.
 * :class:`VadStage`: the pipeline stage. Emits ``UserSpeechStarted``, ``UserSpeechStopped`` and
   ``UserTurn`` (with pre-roll audio), marks ``speech_end``/``turn_committed`` on the turn
   timeline, and raises barge-in interrupts on the control lane.
@@ -31,10 +31,12 @@ Barge-in interface (for whoever plays the agent's audio, i.e. the pacer)::
 
 ``agent.started(at)`` keeps the first start while already speaking. ``at`` is on the call
 clock, which live ingress uses as the capture clock, so the two compare directly. While the
-agent speaks, user speech lasting ``interrupt_min_ms`` (measured in capture time from the later
-of the speech start and ``agent start + echo_guard_ms``) calls
-``ctx.control.interrupt("barge-in")``, once per utterance. ``VadStage.agent_started(at)`` and
-``VadStage.agent_stopped()`` are shortcuts for the same calls.
+agent speaks, user speech lasting ``interrupt_min_ms`` calls ``ctx.control.interrupt("barge-in")``,
+once per utterance. It is measured in capture time, to ``BLOCK_MS``, over the loud audio of the
+utterance: from its energy onset (which webrtcvad notices 20-80 ms late in noise or on a soft
+first word; see ``interrupt_lookback_ms``), or ``agent start + echo_guard_ms`` if later, to the
+end of its latest loud part (see ``interrupt_tail_ms``); speech must have been declared first.
+``VadStage.agent_started(at)`` and ``VadStage.agent_stopped()`` are shortcuts for the calls.
 
 Run ``python -m stages.vad FILE.wav --json`` to print the speech segments of a WAV file.
 """
@@ -63,6 +65,9 @@ VAD_RATE = 16000
 FRAME_MS = 20
 """One decision per 20 ms frame."""
 FRAME_S = FRAME_MS / 1000.0
+BLOCK_MS = 5
+"""Resolution at which the energy gate locates a sound inside a frame (for barge-in timing)."""
+_BLOCK = VAD_RATE * BLOCK_MS // 1000  # samples per block
 NOISE_WINDOW_S = 3.0
 """How far back the energy gate looks for the background level. Speech has gaps within a few
 seconds, so the quietest frame is the noise between words; a filler longer than this ("uhhh…")
@@ -81,7 +86,7 @@ class VadOptions:
     start_gap_ms: int = 140
     """Unvoiced gaps up to this long inside the starting run do not reset it: a short first
     word ("I … have") or an unvoiced consonant masked by noise would otherwise delay the start
-    by a word. Longer gaps start the count again."""
+    by a word. Longer gaps start the count again, and so do gaps of ``stop_ms``."""
     stop_ms: int = 700
     """Hangover: silence needed to end a turn. Interviews have thinking pauses; make it longer."""
     max_turn_s: float = 120.0
@@ -98,6 +103,18 @@ class VadOptions:
     """User speech over the agent's voice must last this long to interrupt ("mm-hmm" doesn't)."""
     echo_guard_ms: int = 0
     """Ignore barge-in for this long after the agent starts speaking (echo of its own onset)."""
+    interrupt_lookback_ms: int = 100
+    """Barge-in counts ``interrupt_min_ms`` from the sound's energy onset: the first loud
+    ``BLOCK_MS`` block of the unbroken run of frames the energy gate passes just before
+    webrtcvad's first voiced frame, at most this long before that frame (webrtcvad notices soft
+    first words and speech in noise 20-80 ms late). Only frames the gate passes count: its noise
+    margin keeps room noise out, its absolute floor faint echo. 0 counts from the first voiced
+    frame."""
+    interrupt_tail_ms: int = 100
+    """Frames the energy gate passes up to this long after a voiced frame (with at most one
+    quiet frame between them) still count as the same sound for barge-in: an unvoiced consonant
+    webrtcvad misses ("f") does not hold the interrupt back until voicing resumes. 0 counts to
+    the last voiced frame only."""
 
     def __post_init__(self) -> None:
         def need(ok: bool, field: str, rule: str, value: Any) -> None:
@@ -115,7 +132,14 @@ class VadOptions:
         for name in ("start_ms", "stop_ms"):
             v = getattr(self, name)
             need(is_int(v) and v >= FRAME_MS, name, f"an integer of at least {FRAME_MS} ms", v)
-        for name in ("start_gap_ms", "preroll_ms", "interrupt_min_ms", "echo_guard_ms"):
+        for name in (
+            "start_gap_ms",
+            "preroll_ms",
+            "interrupt_min_ms",
+            "echo_guard_ms",
+            "interrupt_lookback_ms",
+            "interrupt_tail_ms",
+        ):
             v = getattr(self, name)
             need(is_int(v) and v >= 0, name, "a non-negative integer (ms)", v)
         m = self.max_turn_s
@@ -227,7 +251,8 @@ class VadStateMachine:
             if voiced:
                 return self._starting_voiced(end)
             assert last is not None
-            if end - last > self._gap_s + _EPS:
+            # a gap of stop_ms would end a turn, so it cannot be bridged while starting either
+            if end - last > self._gap_s + _EPS or end - last >= self._stop_s - _EPS:
                 self._reset()
             return []
         # speaking or stopping
@@ -285,6 +310,26 @@ class VadStateMachine:
 # Barge-in
 
 
+@dataclass(frozen=True, slots=True)
+class VadFrame:
+    """One 20 ms frame of 16 kHz mono PCM starting at ``t`` (capture clock)."""
+
+    t: float
+    pcm: bytes
+    voiced: bool
+    """Speech for endpointing: the energy gate passes it and webrtcvad says speech."""
+    loud: tuple[float, float] | None = None
+    """The frame passes the energy gate: from the start of its first to the end of its last
+    ``BLOCK_MS`` block above the gate's threshold, in seconds from ``t``; None when it does
+    not. Barge-in times sounds with it; a voiced frame without it counts as loud throughout."""
+
+
+def _loud(frame: VadFrame) -> tuple[float, float] | None:
+    if frame.loud is None and frame.voiced:
+        return (0.0, FRAME_S)
+    return frame.loud
+
+
 class AgentSpeech:
     """Whether the agent's voice is playing now, told by whoever plays it (the pacer).
 
@@ -310,42 +355,86 @@ class AgentSpeech:
 class BargeInPolicy:
     """Pure: is the user's current utterance, over the agent's voice, an interruption?
 
-    It is once the speech has lasted ``interrupt_min_ms`` counted from the later of the speech
-    start and the end of the echo guard; it fires at most once per utterance.
+    It is once the sound has lasted ``interrupt_min_ms``, from its onset to the end of its
+    latest part, counted from no earlier than the end of the echo guard; at most once per
+    utterance, and only once the state machine has declared speech. The onset is the start of
+    the first loud block of the unbroken run of loud frames (``VadFrame.loud``) just before the
+    utterance's first voiced frame, at most ``interrupt_lookback_ms`` before it; the end is the
+    end of the last loud block of the latest voiced frame, or of a loud frame up to
+    ``interrupt_tail_ms`` after one (one quiet frame may come between). Only loud audio is ever
+    counted, so a sound shorter than ``interrupt_min_ms`` never interrupts, whatever webrtcvad
+    says about it.
     """
 
     def __init__(self, options: VadOptions | None = None) -> None:
         options = options or VadOptions()
         self._min_s = options.interrupt_min_ms / 1000.0
         self._guard_s = options.echo_guard_ms / 1000.0
+        self._lookback_s = options.interrupt_lookback_ms / 1000.0
+        self._tail_s = options.interrupt_tail_ms / 1000.0
+        self._recent: deque[VadFrame] = deque(maxlen=_frames(options.interrupt_lookback_ms))
+        self._run: float | None = None  # the machine's run_start that onset/end belong to
+        self.onset: float | None = None
+        """Where the current utterance's sound began (capture clock), None between runs."""
+        self.sound_end: float | None = None
+        """Where the latest counted part of the current utterance's sound ended."""
+        self._last_voiced = 0.0  # start of the latest voiced frame of the run
+        self._last_sound = 0.0  # start of the latest frame counted in sound_end
         self._fired_for = -1
 
-    def check(self, machine: VadStateMachine, agent_started_at: float | None) -> bool:
-        """Call after each frame; True means interrupt now. ``None``: the agent is silent."""
-        if agent_started_at is None or machine.state is not VadState.SPEAKING:
+    def push(
+        self, machine: VadStateMachine, frame: VadFrame, agent_started_at: float | None
+    ) -> bool:
+        """Call for every frame, right after ``machine.push(frame.voiced, frame.t)``; True
+        means interrupt now. ``agent_started_at`` is None while the agent is silent."""
+        self._track(machine, frame)
+        self._recent.append(frame)
+        if agent_started_at is None or not machine.in_speech:
             return False
         if self._fired_for == machine.utterances:
             return False
-        start, last = machine.run_start, machine.last_voiced_end
-        assert start is not None and last is not None
-        counted_from = max(start, agent_started_at + self._guard_s)
-        if last - counted_from < self._min_s - _EPS:
+        onset, end = self.onset, self.sound_end
+        assert onset is not None and end is not None
+        counted_from = max(onset, agent_started_at + self._guard_s)
+        if end - counted_from < self._min_s - _EPS:
             return False
         self._fired_for = machine.utterances
         return True
 
+    def _track(self, machine: VadStateMachine, frame: VadFrame) -> None:
+        run, t, loud = machine.run_start, frame.t, _loud(frame)
+        if run is None:
+            self._run = self.onset = self.sound_end = None
+            return
+        if run != self._run:  # this frame is the first voiced frame of a new run
+            assert loud is not None, "a run starts on a voiced frame"
+            self._run, self._last_voiced, self._last_sound = run, t, t
+            self.onset, self.sound_end = t + loud[0], t + loud[1]
+            after = t
+            for before in reversed(self._recent):
+                span = _loud(before)
+                if (
+                    span is None
+                    or abs(after - before.t - FRAME_S) > _EPS  # not adjacent: lost audio
+                    or t - before.t > self._lookback_s + _EPS
+                ):
+                    break
+                self.onset, after = before.t + span[0], before.t
+            return
+        if loud is None:
+            return
+        if frame.voiced:
+            self._last_voiced = t
+        elif (
+            t - self._last_voiced > self._tail_s + _EPS
+            or t - self._last_sound > 2 * FRAME_S + _EPS  # more than one quiet frame between
+        ):
+            return
+        self._last_sound, self.sound_end = t, t + loud[1]
+
 
 # ----------------------------------------------------------------------------------------------
 # Front end: any PCM → 16 kHz mono 20 ms frames with times and voiced flags
-
-
-@dataclass(frozen=True, slots=True)
-class VadFrame:
-    """One 20 ms frame of 16 kHz mono PCM starting at ``t`` (capture clock)."""
-
-    t: float
-    pcm: bytes
-    voiced: bool
 
 
 class EnergyGate:
@@ -370,19 +459,41 @@ class EnergyGate:
 
     def passes(self, frame: bytes) -> bool:
         """Whether ``frame`` (16-bit PCM) is loud enough to be speech; updates the background."""
+        return self.measure(frame) is not None
+
+    def measure(self, frame: bytes) -> tuple[float, float] | None:
+        """Like :meth:`passes`, but a passing frame gives where in it the sound is: from the
+        start of its first to the end of its last ``BLOCK_MS`` block above the threshold, in
+        seconds from the frame's start (16 kHz). None when the frame does not pass."""
         x = np.frombuffer(frame, dtype="<i2").astype(np.float32)
-        power = float(np.dot(x, x)) / max(len(x), 1)
-        level = 10.0 * math.log10(power / 32768.0**2) if power > 0 else -120.0
-        if self.margin_db is None:
-            return level >= self.floor_dbfs
-        index, minima = self._index, self._minima
-        self._index += 1
-        while minima and minima[-1][1] >= level:
-            minima.pop()
-        minima.append((index, level))
-        if minima[0][0] <= index - self._span:
-            minima.popleft()
-        return level >= self.floor_dbfs and level >= minima[0][1] + self.margin_db
+        level = _dbfs(float(np.dot(x, x)) / max(len(x), 1))
+        threshold = self.floor_dbfs
+        if self.margin_db is not None:
+            index, minima = self._index, self._minima
+            self._index += 1
+            while minima and minima[-1][1] >= level:
+                minima.pop()
+            minima.append((index, level))
+            if minima[0][0] <= index - self._span:
+                minima.popleft()
+            threshold = max(threshold, minima[0][1] + self.margin_db)
+        if level < threshold:
+            return None
+        blocks = len(x) // _BLOCK
+        if blocks < 2 or len(x) % _BLOCK:
+            return (0.0, len(x) / VAD_RATE)  # not whole blocks: the frame as a whole
+        b = x.reshape(blocks, _BLOCK)
+        energies = (b * b).sum(axis=1).tolist()
+        least = _BLOCK * 32768.0**2 * 10.0 ** (threshold / 10.0)
+        above = [i for i, e in enumerate(energies) if e >= least]
+        if not above:  # rounding: the mean passed, so the loudest block is at the threshold
+            above = [energies.index(max(energies))]
+        return (above[0] * BLOCK_MS / 1000.0, (above[-1] + 1) * BLOCK_MS / 1000.0)
+
+
+def _dbfs(power: float) -> float:
+    """Mean square of 16-bit samples → dBFS (-120 for digital silence)."""
+    return 10.0 * math.log10(power / 32768.0**2) if power > 0 else -120.0
 
 
 class VadFrontEnd:
@@ -405,13 +516,18 @@ class VadFrontEnd:
         self._in_expected = 0.0  # capture time where the next input chunk should begin
 
     def is_voiced(self, frame: bytes) -> bool:
-        """Both the energy gate and webrtcvad must say speech.
+        """Both the energy gate and webrtcvad must say speech."""
+        return self.classify(frame)[0]
+
+    def classify(self, frame: bytes) -> tuple[bool, tuple[float, float] | None]:
+        """(voiced, loud) for one 20 ms frame: see :class:`VadFrame`.
 
         webrtcvad sees every frame, gated or not: it adapts its own noise model and hangover
         to the continuous signal, and skipping frames makes its decisions worse.
         """
         speech = self._vad.is_speech(frame, VAD_RATE)
-        return self.gate.passes(frame) and bool(speech)
+        loud = self.gate.measure(frame)
+        return loud is not None and bool(speech), loud
 
     def push(
         self, pcm: bytes, sample_rate: int, channels: int, capture_time: float
@@ -455,7 +571,8 @@ class VadFrontEnd:
         t0 = self._t0 or 0.0
         out = []
         for pcm in frames:
-            out.append(VadFrame(t0 + self._frames * FRAME_S, pcm, self.is_voiced(pcm)))
+            voiced, loud = self.classify(pcm)
+            out.append(VadFrame(t0 + self._frames * FRAME_S, pcm, voiced, loud))
             self._frames += 1
         return out
 
@@ -539,7 +656,7 @@ class _TurnBuilder:
             (self.ring if self.audio is None else self.audio).append((f.t, f.pcm))
             for event in events:
                 out.extend(self._on_event(event))
-            if agent.speaking and self.barge_in.check(machine, agent.started_at):
+            if self.barge_in.push(machine, f, agent.started_at if agent.speaking else None):
                 self.ctx.log.info("barge-in on user turn %d", self.turn_id)
                 self.ctx.control.interrupt("barge-in")
         return out

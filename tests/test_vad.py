@@ -28,6 +28,7 @@ from pipeline.graph import Graph
 from pipeline.stage import CallContext, Collect, Inbox, Outbox
 from pipeline.supervisor import Supervisor
 from stages.vad import (
+    BLOCK_MS,
     FRAME_S,
     NOISE_WINDOW_S,
     EnergyGate,
@@ -186,6 +187,9 @@ def test_start_gap_bridges_short_gaps_only() -> None:
     assert [e.start for e in segments_of(run_machine(bridged, options))] == [T0]
     broken = [True, True, False, False, False, True, True, True, True, True] + [False] * 40
     assert [e.start for e in segments_of(run_machine(broken, options))] == [T0 + 5 * FRAME_S]
+    # a gap as long as the hangover would end a turn: it does not join a starting run either
+    short_stop = VadOptions(start_ms=100, start_gap_ms=40, stop_ms=40)
+    assert [e.start for e in segments_of(run_machine(bridged, short_stop))] == []
 
 
 @pytest.mark.parametrize(
@@ -204,6 +208,9 @@ def test_start_gap_bridges_short_gaps_only() -> None:
         ("noise_margin_db", -1.0),
         ("interrupt_min_ms", -1),
         ("echo_guard_ms", -5),
+        ("interrupt_lookback_ms", -20),
+        ("interrupt_lookback_ms", 1.5),
+        ("interrupt_tail_ms", -1),
     ],
 )
 def test_bad_options_name_the_field(field: str, value: Any) -> None:
@@ -235,6 +242,39 @@ def test_energy_gate_floor_and_noise_margin() -> None:
     assert all(floor_only.passes(noise_frame(-40, seed)) for seed in range(20))
 
 
+def blocks_frame(levels_dbfs: list[float | None], seed: int = 0) -> bytes:
+    """A 20 ms frame of four 5 ms blocks of noise at the given levels (None: digital silence)."""
+    rng = np.random.default_rng(seed)
+    parts = [
+        np.zeros(80) if db is None else rng.normal(0, 10 ** (db / 20) * 32768, 80)
+        for db in levels_dbfs
+    ]
+    return np.clip(np.rint(np.concatenate(parts)), -32768, 32767).astype("<i2").tobytes()
+
+
+def test_energy_gate_locates_the_sound_inside_a_frame() -> None:
+    """Barge-in times sounds to BLOCK_MS: the gate says which blocks of a passing frame are
+    above its threshold (the floor here: the background is silence)."""
+    block = BLOCK_MS / 1000
+    gate = EnergyGate(VadOptions(energy_floor_dbfs=-50, noise_margin_db=6))
+    assert gate.measure(blocks_frame([None] * 4)) is None
+    assert gate.measure(blocks_frame([None, None, -30, -30])) == pytest.approx((2 * block, FRAME_S))
+    assert gate.measure(blocks_frame([-30, None, None, None])) == pytest.approx((0.0, block))
+    # a quiet block between loud ones stays inside the span; quiet edges are trimmed
+    assert gate.measure(blocks_frame([-60, -30, -70, -30])) == pytest.approx((block, FRAME_S))
+    assert gate.measure(blocks_frame([-55, -55, -55, -55])) is None  # below the floor
+    # loud enough in one block, not over the whole frame: the frame does not pass
+    assert gate.measure(blocks_frame([None, None, None, -47])) is None
+    assert gate.passes(blocks_frame([None, -30, None, None])) is True
+    # over room noise the threshold is the background plus the margin
+    noisy = EnergyGate(VadOptions(energy_floor_dbfs=-60, noise_margin_db=6))
+    for seed in range(20):
+        noisy.measure(blocks_frame([-45] * 4, seed))
+    assert noisy.measure(blocks_frame([-45, -45, -20, -45], 99)) == pytest.approx(
+        (2 * block, 3 * block)
+    )
+
+
 def fixture_audio(name: str) -> WavAudio:
     return read_wav(FIXTURES / name)
 
@@ -251,6 +291,10 @@ def test_front_end_frames_any_rate_and_chunking_with_capture_times() -> None:
     assert all(len(f.pcm) == 640 for f in frames)
     assert [round((f.t - T0) / FRAME_S, 6) for f in frames] == list(range(len(frames)))
     assert abs(len(frames) * FRAME_S - audio.duration) <= FRAME_S
+    for f in frames:  # every voiced frame is loud somewhere inside it
+        assert f.loud is not None or not f.voiced
+        if f.loud is not None:
+            assert 0.0 <= f.loud[0] < f.loud[1] <= FRAME_S
     native = [f.voiced for f in VadFrontEnd().push(audio.pcm, 16000, 1, T0)]
     differing = sum(a != b for a, b in zip(native, [f.voiced for f in frames], strict=False))
     assert differing <= 6  # resampling moves a few decisions at word edges, no more
