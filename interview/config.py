@@ -30,14 +30,16 @@ from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validat
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Environment = Literal["development", "production"]
-GeminiMode = Literal["text", "live"]
+GeminiMode = Literal["chat", "live"]  # "live-audio" is not implemented yet
 VideoQuality = Literal["low", "medium", "high", "very_high"]
 
 GEMINI_DEFAULT_MODELS: dict[str, str] = {
-    "text": "gemini-2.5-flash",
-    "live": "gemini-live-2.5-flash-preview",
+    "chat": "gemini-3.8-flash",
+    "live": "gemini-3.8-live",
 }
-"""``GEMINI_MODEL`` when unset, by ``GEMINI_MODE``."""
+"""``GEMINI_MODEL`` when unset, by ``GEMINI_MODE``: the current stable Flash (fast, with a
+low thinking level for a quick first word) and the current stable Live model. Kept equal to
+``stages.gemini.DEFAULT_MODELS`` (a test checks), without importing the SDK at start-up."""
 
 REQUIRED_IN_PRODUCTION: tuple[str, ...] = (
     "API_SECRET_KEY",
@@ -164,12 +166,14 @@ class Settings(BaseSettings):
     # --- brain: Google Gemini ------------------------------------------------------------
     gemini_api_key: SecretStr | None = None
     """Unset in development: the scripted offline interviewer is used."""
-    gemini_mode: GeminiMode = "text"
-    """``text``: a streamed reply per turn; ``live``: the Live API over a websocket."""
+    gemini_mode: GeminiMode = "chat"
+    """``chat``: one streamed reply per turn, the turn's audio inline; ``live``: the Live API
+    over one websocket (``text`` is accepted as an old name of ``chat``)."""
     gemini_model: str = ""
-    """Unset: ``gemini-2.5-flash`` (text) or ``gemini-live-2.5-flash-preview`` (live)."""
+    """Unset: ``gemini-3.8-flash`` (chat) or ``gemini-3.8-live`` (live)."""
     gemini_base_url: str | None = None
-    """Override the API's base URL (proxies, data residency, tests)."""
+    """Root URL (https://host:port) for REST and Live alike (proxies, data residency, tests);
+    a private CA is trusted through ``SSL_CERT_FILE``."""
 
     # --- voice: ElevenLabs ---------------------------------------------------------------
     elevenlabs_api_key: SecretStr | None = None
@@ -196,11 +200,21 @@ class Settings(BaseSettings):
     ice_servers: Annotated[list[IceServer], NoDecode] = Field(default_factory=list)
     """A JSON array of ``{"urls", "username"?, "credential"?}`` or comma-separated URLs. On
     Cloud Run (no inbound UDP) direct WebRTC needs a TURN server here."""
+    webrtc_join_timeout_s: float = Field(default=120.0, gt=0, le=24 * 3600)
+    """Nobody connects this long after the join: the interview ends (``candidate_left``)."""
+    webrtc_leave_grace_s: float = Field(default=20.0, gt=0, le=3600)
+    """The candidate's connection gone this long: the interview ends (``candidate_left``)."""
 
-    @field_validator("environment", "gemini_mode", "heygen_video_quality", mode="before")
+    @field_validator("environment", "heygen_video_quality", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("gemini_mode", mode="before")
+    @classmethod
+    def _mode(cls, value: Any) -> Any:
+        value = value.strip().lower() if isinstance(value, str) else value
+        return "chat" if value == "text" else value  # the first release called it "text"
 
     @field_validator("log_level", "log_level_webrtc", mode="before")
     @classmethod

@@ -118,7 +118,17 @@ def offline_providers(settings: Settings) -> Providers:
 
 def make_providers(settings: Settings) -> Providers:
     """Real providers where keys are set; offline stand-ins otherwise (development only)."""
-    return offline_providers(settings)
+    providers = offline_providers(settings)
+    if settings.gemini_api_key is not None:
+        from stages.gemini import GeminiBrain
+
+        providers.brain = GeminiBrain(
+            settings.gemini_api_key.get_secret_value(),
+            settings.gemini_model,
+            mode=settings.gemini_mode,
+            base_url=settings.gemini_base_url,
+        )
+    return providers
 
 
 ProviderFactory = Callable[[Settings], Providers]

@@ -41,8 +41,8 @@ def test_defaults() -> None:
     assert s.shutdown_grace_seconds == 8
     assert s.log_level == "INFO"
     assert s.log_level_webrtc == "WARNING"
-    assert s.gemini_mode == "text"
-    assert s.gemini_model == "gemini-2.5-flash"
+    assert s.gemini_mode == "chat"
+    assert s.gemini_model == "gemini-3.8-flash"
     assert s.elevenlabs_model == "eleven_flash_v2_5"
     assert s.api_secret_key is None
     assert s.ice_servers == []
@@ -133,7 +133,7 @@ def test_development_with_keys_uses_the_providers(clean_env: pytest.MonkeyPatch)
     s = Settings()
     assert s.stand_ins == ()
     assert s.mode == "development"
-    assert s.llm_name == "gemini-2.5-flash"
+    assert s.llm_name == "gemini-3.8-flash"
     assert s.voice_name == "elevenlabs eleven_flash_v2_5"
     assert s.avatar.startswith("heygen") and s.video_avatar_enabled
 
@@ -142,7 +142,7 @@ def test_only_the_missing_provider_is_replaced(clean_env: pytest.MonkeyPatch) ->
     clean_env.setenv("GEMINI_API_KEY", "AIza-gemini-0123456789")
     s = Settings()
     assert s.stand_ins == ("espeak-ng voice",)
-    assert s.llm_name == "gemini-2.5-flash"
+    assert s.llm_name == "gemini-3.8-flash"
 
 
 def test_production_lists_everything_missing(clean_env: pytest.MonkeyPatch) -> None:
@@ -151,7 +151,7 @@ def test_production_lists_everything_missing(clean_env: pytest.MonkeyPatch) -> N
     assert not s.config_valid
     assert s.missing == list(REQUIRED_IN_PRODUCTION)
     assert s.stand_ins == () and s.mode == "production"
-    assert s.llm_name == "gemini-2.5-flash"  # never "scripted" in production
+    assert s.llm_name == "gemini-3.8-flash"  # never "scripted" in production
     assert not s.demo_enabled
 
 
@@ -241,7 +241,7 @@ def test_ice_servers_json_or_list(clean_env: pytest.MonkeyPatch) -> None:
 
 def test_live_mode_has_its_own_default_model(clean_env: pytest.MonkeyPatch) -> None:
     clean_env.setenv("GEMINI_MODE", "live")
-    assert Settings().gemini_model.startswith("gemini-live")
+    assert Settings().gemini_model == "gemini-3.8-live"
 
 
 def test_api_keys_current_then_previous(clean_env: pytest.MonkeyPatch) -> None:
@@ -268,3 +268,18 @@ def test_overrides_win_over_the_environment(clean_env: pytest.MonkeyPatch) -> No
     assert load_settings(max_interviews=2).max_interviews == 2
     with pytest.raises(ConfigError, match="MAX_INTERVIEWS"):
         load_settings(max_interviews=0)
+
+
+def test_gemini_defaults_agree_with_the_brain_and_text_is_an_old_name_of_chat(
+    clean_env: pytest.MonkeyPatch,
+) -> None:
+    from interview.config import GEMINI_DEFAULT_MODELS
+    from stages.gemini import DEFAULT_MODELS
+
+    for mode, model in GEMINI_DEFAULT_MODELS.items():
+        assert DEFAULT_MODELS[mode] == model
+    clean_env.setenv("GEMINI_MODE", "Text")
+    assert Settings().gemini_mode == "chat"
+    clean_env.setenv("GEMINI_MODE", "live-audio")
+    with pytest.raises(ConfigError, match="GEMINI_MODE"):
+        Settings()

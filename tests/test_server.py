@@ -246,7 +246,7 @@ def test_root_says_what_is_in_use(client: TestClient) -> None:
         make_app(settings(gemini_api_key=GEMINI_KEY, heygen_api_key="heygen-key-123"))
     ) as c:
         data = c.get("/", headers=H).json()
-        assert data["llm"] == "gemini-2.5-flash"
+        assert data["llm"] == "gemini-3.8-flash"
         assert data["avatar"].startswith("heygen")
         assert "scripted interviewer" not in data["mode"]
 
@@ -445,7 +445,7 @@ def test_production_refuses_listing_everything_missing(prefix: str) -> None:
         }
         data = c.get(f"{prefix}/", headers={"X-API-Key": OLD_KEY}).json()
         assert data["config_valid"] is False and "GEMINI_API_KEY" in data["missing"]
-        assert data["llm"] == "gemini-2.5-flash"  # never the offline stand-in
+        assert data["llm"] == "gemini-3.8-flash"  # never the offline stand-in
         assert c.get(f"{prefix}/health").json()["config_valid"] is False
     assert FakeSession.created == []
 
@@ -778,7 +778,7 @@ def test_python_m_server_runs_and_stops_on_sigterm(tmp_path: Path) -> None:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
             assert http.get("/health").json()["status"] == "healthy"
             data = http.get("/python-api/", headers={"X-API-Key": key}).json()
-            assert data["llm"] == "gemini-2.5-flash" and data["avatar"] == "none"
+            assert data["llm"] == "gemini-3.8-flash" and data["avatar"] == "none"
             assert "espeak-ng voice" in data["mode"]
             assert http.get("/", headers={"X-API-Key": "wrong"}).status_code == 403
         proc.send_signal(signal.SIGTERM)
