@@ -14,12 +14,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
 
 from interview.director import Director
-from pipeline.frames import AgentTextDelta, UserTurn
+from pipeline.audio import to_mono
+from pipeline.frames import (
+    AgentTextDelta,
+    AudioChunk,
+    UserSpeechStarted,
+    UserSpeechStopped,
+    UserTurn,
+)
 from pipeline.stage import CallContext, Inbox, Outbox
 from stages.brain import Brain, BrainTurn, BrainUsage, TextDelta, ToolCalled, UserTranscript
 from stages.pacer import PlaybackReport
@@ -78,7 +86,10 @@ class Conversation:
             async with anyio.create_task_group() as tg:
                 self._tg, self._outbox = tg, outbox
                 self._start(tg, ctx, outbox, self.director.opening_turn(ctx.control.next_epoch()))
+                streams = bool(getattr(self.brain, "streams_audio", False))
                 async for frame in inbox:
+                    if streams and await self._stream(frame):
+                        continue
                     if isinstance(frame, UserTurn) and not self.director.ended:
                         active = self._active is not None and not self._active.generated
                         epoch = (
@@ -96,6 +107,19 @@ class Conversation:
         finally:
             with ctx.cleanup_scope():
                 await self.brain.aclose()
+
+    async def _stream(self, frame: object) -> bool:
+        """For a brain that listens while the candidate speaks (Gemini Live): hand it the
+        live audio and the VAD's activity edges. True if the frame was consumed."""
+        brain: Any = self.brain
+        if isinstance(frame, AudioChunk):
+            await brain.stream_audio(to_mono(frame.pcm, frame.channels), frame.sample_rate)
+            return True
+        if isinstance(frame, UserSpeechStarted):
+            await brain.speech_started()
+        elif isinstance(frame, UserSpeechStopped):
+            await brain.speech_ended()
+        return False
 
     def say(self, text: str, *, then_end: str, within_s: float = 6.0) -> None:
         """Speak a fixed line now (interrupting any reply), then end the interview.

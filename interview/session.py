@@ -314,6 +314,8 @@ class InterviewSession:
                 interrupt_min_ms=settings.barge_in_ms,
             ),
             agent=speech,
+            # a brain that listens while the candidate speaks gets the live audio too
+            forward_audio=bool(getattr(providers.brain, "streams_audio", False)),
         )
         graph = Graph()
         ingress = graph.add(self.transport.ingress(floor))
