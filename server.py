@@ -24,15 +24,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from interview.config import ConfigError, Settings, load_settings, with_api_key
 from interview.logs import REDACTOR, TraceMiddleware, setup_logging
@@ -43,7 +46,9 @@ from interview.manager import (
     ServiceError,
     SessionFactory,
 )
+from interview.media import MAX_OFFER_BYTES, SignalingError, read_offer
 from interview.telemetry import Telemetry
+from interview.tokens import TokenError
 
 log = logging.getLogger("synchire.server")
 
@@ -54,6 +59,8 @@ MAX_BODY_BYTES = 1024 * 1024
 """Join requests larger than 1 MiB are refused with 413 (100 questions fit in far less)."""
 GRACEFUL_SHUTDOWN_S = 9
 """uvicorn's limit for open connections after SIGTERM; the drain (8 s) runs alongside it."""
+WEB_DIR = Path(__file__).resolve().parent / "web"
+"""The demo page's files, served at ``/demo`` when ``Settings.demo_enabled``."""
 
 try:
     VERSION = version(SERVICE_ID)
@@ -90,6 +97,37 @@ def keyed(handler: Handler, *, bearer: bool = False) -> Handler:
             return JSONResponse({"detail": "Missing X-API-Key header"}, status_code=401)
         if not _key_ok(given, request.app.state.settings.api_keys()):
             return JSONResponse({"detail": "Invalid API key"}, status_code=403)
+        return await handler(request)
+
+    checked.__name__ = handler.__name__
+    checked.__doc__ = handler.__doc__
+    return checked
+
+
+def keyed_or_client_token(handler: Handler) -> Handler:
+    """Wrap a route of one interview (``{call_id}`` in the path): ``X-API-Key`` or that
+    interview's client token as ``Authorization: Bearer`` (what a candidate's browser has)."""
+    with_key = keyed(handler)
+
+    async def checked(request: Request) -> Response:
+        if request.headers.get("x-api-key"):
+            return await with_key(request)
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return JSONResponse(
+                {"detail": "Missing X-API-Key header or client token (Authorization: Bearer)"},
+                status_code=401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        try:
+            _manager(request).verify_client_token(token.strip(), request.path_params["call_id"])
+        except TokenError as err:
+            code = "invalid_token" if err.status == 401 else "insufficient_scope"
+            return JSONResponse(
+                {"detail": err.reason},
+                status_code=err.status,
+                headers={"WWW-Authenticate": f'Bearer error="{code}"'},
+            )
         return await handler(request)
 
     checked.__name__ = handler.__name__
@@ -148,6 +186,8 @@ async def root(request: Request) -> Response:
                 "agents_status": "/agents/status",
                 "shutdown_agent": "/agents/{call_id}/shutdown (POST)",
                 "interview": "/interviews/{callId}",
+                "webrtc": "/interviews/{callId}/webrtc (POST SDP offer; DELETE .../{peerId})",
+                **({"demo": "/demo"} if settings.demo_enabled else {}),
                 "metrics": "/metrics",
                 "docs": "/openapi.json",
             },
@@ -176,6 +216,33 @@ async def interview_view(request: Request) -> Response:
     return JSONResponse(_manager(request).view(request.path_params["call_id"]))
 
 
+async def webrtc_offer(request: Request) -> Response:
+    """Answer the candidate's SDP offer (WHIP-style); ``Location`` is the peer to hang up."""
+    call_id = request.path_params["call_id"]
+    media = _manager(request).media(call_id)
+    body = await _read_body(request, MAX_OFFER_BYTES, "SDP offer")
+    answer = await media.offer(read_offer(request.headers.get("content-type"), body))
+    root = request.scope.get("root_path", "")
+    headers = {"Location": f"{root}/interviews/{quote(call_id)}/webrtc/{answer.peer_id}"}
+    if answer.as_json:
+        content = {"sdp": answer.sdp, "type": "answer", "peerId": answer.peer_id}
+        return JSONResponse(content, status_code=201, headers=headers)
+    return Response(answer.sdp, status_code=201, media_type="application/sdp", headers=headers)
+
+
+async def webrtc_hangup(request: Request) -> Response:
+    """Hang up a candidate peer; ``?end=true`` also ends the interview (candidate left)."""
+    media = _manager(request).media(request.path_params["call_id"])
+    end = request.query_params.get("end", "").lower() in ("1", "true", "yes")
+    await media.hangup(request.path_params["peer_id"], end=end)
+    return JSONResponse({"success": True, "message": "Hung up"})
+
+
+async def demo_page(request: Request) -> Response:
+    """The demo page (development, or ENABLE_DEMO=true)."""
+    return FileResponse(WEB_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+
 async def metrics(request: Request) -> Response:
     """Prometheus text: interviews, turns, latency histograms, provider errors."""
     telemetry: Telemetry = request.app.state.telemetry
@@ -197,27 +264,34 @@ class _BodyError(Exception):
 async def _read_json(request: Request) -> Any:
     """The decoded JSON body; 413 past :data:`MAX_BODY_BYTES` (declared or streamed), 400 if
     it is not JSON."""
-    too_large = f"Request body is larger than {MAX_BODY_BYTES // (1024 * 1024)} MiB"
+    body = await _read_body(request, MAX_BODY_BYTES, "Request body")
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise _BodyError(400, "Request body is not valid JSON") from None
+
+
+async def _read_body(request: Request, limit: int, what: str) -> bytes:
+    """The raw body; 413 past ``limit`` bytes (declared or streamed)."""
+    size = f"{limit // (1024 * 1024)} MiB" if limit >= 1024 * 1024 else f"{limit // 1024} KiB"
+    too_large = f"{what} is larger than {size}"
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.strip().isdigit():
             raise _BodyError(400, "Invalid Content-Length header")
-        if int(declared) > MAX_BODY_BYTES:
+        if int(declared) > limit:
             raise _BodyError(413, too_large)
     chunks: list[bytes] = []
-    size = 0
+    received = 0
     try:
         async for chunk in request.stream():
-            size += len(chunk)
-            if size > MAX_BODY_BYTES:
+            received += len(chunk)
+            if received > limit:
                 raise _BodyError(413, too_large)
             chunks.append(chunk)
     except ClientDisconnect:  # nobody to answer; not a server error worth a traceback
         raise _BodyError(400, "Client disconnected") from None
-    try:
-        return json.loads(b"".join(chunks))
-    except (ValueError, UnicodeDecodeError):
-        raise _BodyError(400, "Request body is not valid JSON") from None
+    return b"".join(chunks)
 
 
 # --- errors ----------------------------------------------------------------------------------
@@ -226,6 +300,11 @@ async def _read_json(request: Request) -> Any:
 async def _service_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ServiceError)
     return _error(exc.status, exc.error, exc.retry_after)
+
+
+async def _signaling_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, SignalingError)
+    return _error(exc.status, exc.error)
 
 
 async def _body_error(request: Request, exc: Exception) -> Response:
@@ -247,17 +326,31 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
 # --- the app ---------------------------------------------------------------------------------
 
 
-def _routes() -> list[BaseRoute]:
-    return [
+def _routes(demo: bool = False) -> list[BaseRoute]:
+    routes: list[BaseRoute] = [
         Route("/health", health, methods=["GET"]),
         Route("/", keyed(root), methods=["GET"]),
         Route("/join-interview", keyed(join_interview), methods=["POST"]),
         Route("/agents/status", keyed(agents_status), methods=["GET"]),
         Route("/agents/{call_id}/shutdown", keyed(shutdown_agent), methods=["POST"]),
         Route("/interviews/{call_id}", keyed(interview_view), methods=["GET"]),
+        Route(
+            "/interviews/{call_id}/webrtc", keyed_or_client_token(webrtc_offer), methods=["POST"]
+        ),
+        Route(
+            "/interviews/{call_id}/webrtc/{peer_id}",
+            keyed_or_client_token(webrtc_hangup),
+            methods=["DELETE"],
+        ),
         Route("/metrics", keyed(metrics, bearer=True), methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
     ]
+    if demo:  # public, like any web page: it holds no secret and asks for the key
+        routes += [
+            Route("/demo", demo_page, methods=["GET"]),
+            Mount("/demo", StaticFiles(directory=WEB_DIR, check_dir=False), name="demo"),
+        ]
+    return routes
 
 
 def _default_results(settings: Settings) -> Results:
@@ -310,12 +403,13 @@ def create_app(
             await stack.enter_async_context(manager)
             yield
 
-    routes = _routes()
+    routes = _routes(demo=settings.demo_enabled)
     app = Starlette(
         routes=[*routes, Route(PREFIX, keyed(root), methods=["GET"]), Mount(PREFIX, routes=routes)],
         middleware=[Middleware(TraceMiddleware)],
         exception_handlers={
             ServiceError: _service_error,
+            SignalingError: _signaling_error,
             _BodyError: _body_error,
             HTTPException: _http_error,
             Exception: _internal_error,
@@ -419,6 +513,69 @@ def openapi_document() -> dict[str, Any]:
                 responses={"404": _json(_ref("Error"), "Unknown interview")},
             )
         },
+        "/interviews/{call_id}/webrtc": {
+            "post": {
+                "summary": "Answer the candidate's WebRTC SDP offer (WHIP-style)",
+                "description": "Auth: X-API-Key, or the interview's clientToken from "
+                "/join-interview as Authorization: Bearer. One candidate peer at a time: a "
+                "second offer while the first is live gets 409 (see docs/WEBRTC.md).",
+                "security": [{"apiKey": []}, {"bearer": []}],
+                "parameters": [call_id],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/sdp": {"schema": string},
+                        "application/json": {"schema": _ref("SdpOffer")},
+                    },
+                },
+                "responses": {
+                    "201": {
+                        "description": "The answer (same content type as the offer)",
+                        "headers": {
+                            "Location": {
+                                "description": "The peer: DELETE it to hang up",
+                                "schema": string,
+                            }
+                        },
+                        "content": {
+                            "application/sdp": {"schema": string},
+                            "application/json": {"schema": _ref("SdpAnswer")},
+                        },
+                    },
+                    "400": _json(_ref("Error"), "Malformed SDP offer (the reason is given)"),
+                    "401": _json(_ref("Detail"), "No key or token; invalid or expired token"),
+                    "403": _json(_ref("Detail"), "Wrong key, or a token for another interview"),
+                    "404": _json(_ref("Error"), "Unknown interview"),
+                    "409": _json(_ref("Error"), "A candidate peer is already live"),
+                    "413": _json(_ref("Error"), "Offer over 64 KiB"),
+                    "415": _json(_ref("Error"), "Not application/sdp or application/json"),
+                    "503": _json(_ref("Error"), "ICE gathering failed (TURN unreachable)"),
+                },
+            }
+        },
+        "/interviews/{call_id}/webrtc/{peer_id}": {
+            "delete": {
+                "summary": "Hang up a candidate peer (?end=true also ends the interview)",
+                "security": [{"apiKey": []}, {"bearer": []}],
+                "parameters": [
+                    call_id,
+                    {"name": "peer_id", "in": "path", "required": True, "schema": string},
+                    {"name": "end", "in": "query", "required": False, "schema": boolean},
+                ],
+                "responses": {
+                    "200": _json(_ref("Message"), "Hung up"),
+                    **auth,
+                    "404": _json(_ref("Error"), "Unknown interview or peer"),
+                },
+            }
+        },
+        "/demo": {
+            "get": op(
+                "The demo page (404 unless ENABLE_DEMO or development)",
+                {"description": "HTML", "content": {"text/html": {"schema": string}}},
+                keyed=False,
+            )
+        },
         "/metrics": {
             "get": op(
                 "Prometheus metrics",
@@ -463,9 +620,25 @@ def openapi_document() -> dict[str, Any]:
                 "message": string,
                 "callId": string,
                 "videoAvatarEnabled": boolean,
+                "clientToken": {
+                    "type": "string",
+                    "description": "For this interview's WebRTC routes only (Bearer)",
+                },
+                "clientTokenExpiresAt": {"type": "string", "format": "date-time"},
+                "webrtcUrl": {"type": "string", "description": "Where to POST the SDP offer"},
+                "iceServers": {"type": "array", "items": {"type": "object"}},
             },
         },
         "Error": {"type": "object", "properties": {"success": boolean, "error": string}},
+        "SdpOffer": {
+            "type": "object",
+            "required": ["sdp", "type"],
+            "properties": {"sdp": string, "type": {"const": "offer"}},
+        },
+        "SdpAnswer": {
+            "type": "object",
+            "properties": {"sdp": string, "type": {"const": "answer"}, "peerId": string},
+        },
         "Detail": {"type": "object", "properties": {"detail": string}},
         "Message": {"type": "object", "properties": {"success": boolean, "message": string}},
         "Health": {

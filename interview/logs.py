@@ -362,4 +362,6 @@ def setup_logging(settings: Settings, stream: TextIO | None = None) -> Redactor:
         uv = logging.getLogger(name)
         uv.handlers.clear()
         uv.propagate = True
+        uv.disabled = False  # a dictConfig (uvicorn's own log_config) may have disabled it
+        uv.setLevel(logging.NOTSET)
     return REDACTOR

@@ -37,8 +37,10 @@ from anyio.abc import TaskGroup
 from interview import telemetry as telemetry_mod
 from interview.config import Settings
 from interview.logs import bind_call_id
+from interview.media import InterviewMedia, MediaOptions, client_ice_servers, log_ice_problems
 from interview.plan import JoinRequest, RequestError, parse_join_request
 from interview.telemetry import Telemetry
+from interview.tokens import ClientTokens, TokenClaims, TokenError
 
 log = logging.getLogger("synchire.manager")
 
@@ -111,12 +113,17 @@ class ManagerOptions:
     """Ended interviews whose last view ``GET /interviews/{callId}`` still answers."""
     flush_reserve_s: float = 2.0
     """Part of the grace kept for the results flush (at most a quarter of the grace)."""
+    media: MediaOptions | None = None
+    """The candidates' WebRTC peers (timeouts, ICE). None: from the settings
+    (``ICE_SERVERS``, ``WEBRTC_JOIN_TIMEOUT_S``, ``WEBRTC_LEAVE_GRACE_S``)."""
 
 
 @dataclass(eq=False)
 class _Entry:
     session: Session
+    media: InterviewMedia | None = None
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    media_scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
 
 
 def _default_factory() -> SessionFactory:
@@ -150,6 +157,9 @@ class InterviewManager:
         self.telemetry = telemetry if telemetry is not None else Telemetry()
         self.options = options if options is not None else ManagerOptions()
         self._factory = session_factory
+        self.media_options = self.options.media or MediaOptions.from_settings(settings)
+        keys = settings.api_keys()
+        self.tokens = ClientTokens.from_api_keys(keys) if keys else None
         self._active: dict[str, _Entry] = {}
         self._ended: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._tg: TaskGroup | None = None
@@ -167,6 +177,7 @@ class InterviewManager:
         self._drain_requested = anyio.Event()
         tg.start_soon(self._recover, name="results recovery")
         tg.start_soon(self._watch_drain_request, name="drain watcher")
+        log_ice_problems(self.settings)
         return self
 
     async def __aexit__(self, *exc_info: Any) -> bool | None:
@@ -214,13 +225,30 @@ class InterviewManager:
         Returns the success body; raises :class:`ServiceError` for a refusal.
         """
         session = self._admit(body)
-        return {
+        out: dict[str, Any] = {
             "success": True,
             "message": "Agent will join interview shortly",
             "callId": session.call_id,
             "videoAvatarEnabled": bool(
                 getattr(session, "video_avatar_enabled", self.settings.video_avatar_enabled)
             ),
+        }
+        out.update(self._client_access(session.call_id))
+        return out
+
+    def _client_access(self, call_id: str) -> dict[str, Any]:
+        """What the candidate's browser needs to connect its media (through the web app):
+        a client token for this interview only, the signaling path, the ICE servers."""
+        if self.tokens is None:
+            return {}
+        s = self.settings
+        ttl = s.webrtc_join_timeout_s + s.max_interview_minutes * 60 + s.webrtc_leave_grace_s
+        token, expires = self.tokens.issue(call_id, ttl)
+        return {
+            "clientToken": token,
+            "clientTokenExpiresAt": _iso(expires),
+            "webrtcUrl": f"/interviews/{call_id}/webrtc",
+            "iceServers": client_ice_servers(s),
         }
 
     def _admit(self, body: Any) -> Session:
@@ -263,13 +291,15 @@ class InterviewManager:
                 f"At capacity ({self.settings.max_interviews} interviews); try again shortly.",
                 self.options.retry_after_capacity_s,
             )
-        session = self._create(request)
-        entry = _Entry(session)
+        session, media = self._create(request)
+        entry = _Entry(session, media)
         self._active[call_id] = entry
         self._ended.pop(call_id, None)
         self.telemetry.active_interviews.set(len(self._active))
         self.telemetry.interviews_started.inc()
         self._tg.start_soon(self._run, request, entry, name=f"interview {call_id}")
+        if media is not None:
+            self._tg.start_soon(self._watch_media, media, entry, name=f"media {call_id}")
         log.info(
             "interview admitted",
             extra={
@@ -280,10 +310,13 @@ class InterviewManager:
         )
         return session
 
-    def _create(self, request: JoinRequest) -> Session:
+    def _create(self, request: JoinRequest) -> tuple[Session, InterviewMedia]:
         factory = self._factory if self._factory is not None else _default_factory()
         try:
-            return factory(request, self.settings, self.results)
+            media = InterviewMedia(request.call_id, self.media_options)
+            session = factory(request, self.settings, self.results, transport=media.transport)
+            media.bind(session)
+            return session, media
         except Exception:
             log.exception("could not create the interview", extra={"callId": request.call_id})
             raise ServiceError(500, "Could not start the interview") from None
@@ -306,6 +339,17 @@ class InterviewManager:
                 log.exception("interview raised instead of ending; counted as failed")
             finally:
                 self._finish(call_id, entry, reason)
+                entry.media_scope.cancel()
+                if entry.media is not None:
+                    await entry.media.close()  # shielded and bounded inside
+
+    async def _watch_media(self, media: InterviewMedia, entry: _Entry) -> None:
+        """The media's watchdog (join timeout, leave grace), for as long as the interview."""
+        with bind_call_id(media.call_id), entry.media_scope:
+            try:
+                await media.run()
+            except Exception:
+                log.exception("media watchdog failed", extra={"callId": media.call_id})
 
     async def _checkpoint(self, request: JoinRequest, session: Session) -> None:
         """The interview's first checkpoint, from the moment it is admitted. If the outbox
@@ -333,6 +377,8 @@ class InterviewManager:
         last["state"] = "ended"
         if last.get("endReason") is None:
             last["endReason"] = reason
+        if entry.media is not None:
+            last["media"] = entry.media.view()  # the transport's figures stay readable
         self._ended[call_id] = last
         while len(self._ended) > self.options.keep_ended:
             self._ended.popitem(last=False)
@@ -364,10 +410,26 @@ class InterviewManager:
         recently ended); :class:`ServiceError` 404 when unknown."""
         entry = self._active.get(call_id)
         if entry is not None:
-            return {"callId": call_id, **entry.session.view()}
+            view = {"callId": call_id, **entry.session.view()}
+            if entry.media is not None:
+                view["media"] = entry.media.view()
+            return view
         if call_id in self._ended:
             return dict(self._ended[call_id])
         raise ServiceError(404, f"No interview for callId {_clip(call_id)}")
+
+    def media(self, call_id: str) -> InterviewMedia:
+        """The media of a running interview (signaling); :class:`ServiceError` 404 if none."""
+        entry = self._active.get(call_id)
+        if entry is None or entry.media is None:
+            raise ServiceError(404, f"No interview for callId {_clip(call_id)}")
+        return entry.media
+
+    def verify_client_token(self, token: str, call_id: str) -> TokenClaims:
+        """The claims of a client token valid for ``call_id`` now; :class:`TokenError` if not."""
+        if self.tokens is None:
+            raise TokenError(401, "Client tokens are not available (no API key configured)")
+        return self.tokens.verify(token, call_id)
 
     def shutdown(self, call_id: str) -> dict[str, Any]:
         """Ask one interview to end (reason ``shutdown``); 404 when none is running."""

@@ -15,7 +15,7 @@ from fakes.webhook import FakeWebhook
 
 from interview.config import Settings
 from interview.results import verify_signature
-from interview.session import SHUTDOWN_LINE
+from interview.session import SHUTDOWN_LINE, InterviewSession
 from pipeline.audio import read_wav, resample, rms_dbfs, silence, write_wav
 from server import create_app
 from stages.local import EspeakOptions, EspeakSynthesizer
@@ -174,7 +174,15 @@ def test_service_join_then_shutdown_delivers_a_signed_result(tmp_path: Path) -> 
             nextjs_webhook_url=hook.url,
             outbox_dir=str(tmp_path / "outbox"),
         )
-        app = create_app(settings, configure_logging=False)
+        # no media transport: the interview starts at once (the WebRTC path, which waits for
+        # the candidate's peer, is tested end to end in tests/test_signaling.py)
+        app = create_app(
+            settings,
+            configure_logging=False,
+            session_factory=lambda request, s, results, transport=None: InterviewSession(
+                request, s, results
+            ),
+        )
         headers = {"X-API-Key": key}
         with TestClient(app) as client:
             body = dict(QUESTIONS, callId="live-1")

@@ -289,12 +289,17 @@ def test_unknown_routes_and_methods(client: TestClient) -> None:
 def test_join_status_view_shutdown(client: TestClient, prefix: str) -> None:
     r = client.post(f"{prefix}/join-interview", json=body(), headers=H)
     assert r.status_code == 200
-    assert r.json() == {
+    joined = r.json()
+    # the original fields, unchanged ...
+    assert {k: joined[k] for k in ("success", "message", "callId", "videoAvatarEnabled")} == {
         "success": True,
         "message": "Agent will join interview shortly",
         "callId": "call-1",
         "videoAvatarEnabled": False,
     }
+    # ... and what the candidate's browser needs to connect
+    assert set(joined) >= {"clientToken", "clientTokenExpiresAt", "webrtcUrl", "iceServers"}
+    assert joined["webrtcUrl"] == "/interviews/call-1/webrtc"
     status = client.get(f"{prefix}/agents/status", headers=H).json()
     assert status["active_count"] == 1
     (agent,) = status["agents"]
