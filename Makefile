@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,getstream]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -36,6 +36,6 @@ clean:
 
 # The comparison needs Pipecat, which is not a dependency of the project (the bench extra).
 bench-compare: $(STAMP)
-	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	$(PY) -m pip install --quiet -e '.[dev,getstream,bench]'
 	$(PY) benchmarks/pipeline_overhead.py --stages 8 --frames 20000 --compare pipecat --json
 	$(PY) benchmarks/pipeline_overhead.py --stages 8 --frames 5000 --paced --compare pipecat --json
