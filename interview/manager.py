@@ -225,6 +225,10 @@ class InterviewManager:
         Returns the success body; raises :class:`ServiceError` for a refusal.
         """
         session = self._admit(body)
+        # The avatar (when configured) is started now, so the join answer can carry its
+        # LiveKit address and token; if it cannot start, the interview is audio-only.
+        prepare = getattr(session, "prepare", None)
+        avatar = await prepare() if prepare is not None else None
         out: dict[str, Any] = {
             "success": True,
             "message": "Agent will join interview shortly",
@@ -234,6 +238,8 @@ class InterviewManager:
             ),
         }
         out.update(self._client_access(session.call_id))
+        if avatar is not None:
+            out["avatar"] = avatar
         return out
 
     def _client_access(self, call_id: str) -> dict[str, Any]:

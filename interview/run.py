@@ -153,6 +153,7 @@ async def run_interview(
         )
         transport = FileTransport(answers, settings.vad_stop_ms, out)
         session = InterviewSession(request, settings, results, transport=transport)
+        await session.prepare()  # the avatar, when configured; stopped again by run()
         payload = await session.run()
         await results.flush(10)
     return payload

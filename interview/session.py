@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import anyio
 
@@ -100,10 +100,15 @@ class NullTransport:
 
 @dataclass
 class Providers:
-    """The brain and the voice for one interview, with the names `/` reports."""
+    """The brain and the voice for one interview.
+
+    ``voice`` is a whole voice stage (ElevenLabs streams text in and audio out itself); without
+    it the voice is ``VoiceStage(synthesizer)``, the phrase-by-phrase offline voice.
+    """
 
     brain: Brain
     synthesizer: Synthesizer
+    voice: Stage | None = None
 
 
 def offline_providers(settings: Settings) -> Providers:
@@ -128,6 +133,10 @@ def make_providers(settings: Settings) -> Providers:
             mode=settings.gemini_mode,
             base_url=settings.gemini_base_url,
         )
+    if settings.elevenlabs_api_key is not None:
+        from stages.elevenlabs import ElevenLabsOptions, ElevenLabsVoice
+
+        providers.voice = ElevenLabsVoice(ElevenLabsOptions.from_settings(settings))
     return providers
 
 
@@ -165,6 +174,9 @@ class InterviewSession:
         self._listeners: list[Callable[[dict[str, Any]], None]] = []
         self._transcript = Transcript()
         self._latency_sent: set[int] = set()
+        self._prepared = False
+        self.avatar: Any = None  # stages.heygen.AvatarStage once its session is live
+        self.avatar_info: dict[str, Any] | None = None
         self._stop_reason: str | None = None
         self._waiting: anyio.CancelScope | None = None  # waiting for the candidate to connect
         self._supervisor: Supervisor | None = None
@@ -233,6 +245,62 @@ class InterviewSession:
             "startedAt": self.started_at,
         }
 
+    # -- the avatar ----------------------------------------------------------------------------
+
+    async def prepare(self, timeout_s: float = 8.0) -> dict[str, Any] | None:
+        """Start what the candidate's client needs before the interview: the avatar session
+        (HeyGen LiveAvatar) when one is configured. Returns its client info (LiveKit address and
+        token) or None. Idempotent; a failure leaves the interview audio-only, and says so."""
+        if self._prepared:
+            return self.avatar_info
+        self._prepared = True
+        if not self.settings.video_avatar_enabled:
+            return None
+        from stages.heygen import AvatarOptions, AvatarStage
+
+        avatar = AvatarStage(
+            AvatarOptions.from_settings(self.settings), on_state=self._avatar_state
+        )
+        try:
+            with anyio.fail_after(timeout_s):
+                self.avatar_info = (await avatar.start()).client_info()
+        except Exception as exc:  # AvatarError, a timeout, a network error: audio-only
+            log.warning(
+                "avatar unavailable, the interview is audio-only: %s",
+                exc,
+                extra={"callId": self.call_id},
+            )
+            with anyio.move_on_after(2, shield=True):
+                await avatar.stop()
+            self._on_event({"type": "avatar", "state": "failed", "reason": str(exc)})
+            return None
+        self.avatar = avatar
+        self.video_avatar_enabled = True
+        return self.avatar_info
+
+    def _avatar_state(self, live: bool, reason: str) -> None:
+        info = self.avatar_info or {}
+        if live:
+            self._on_event(
+                {
+                    "type": "avatar",
+                    "state": "live",
+                    "livekitUrl": info.get("livekitUrl"),
+                    "token": info.get("token"),
+                }
+            )
+            return
+        self.video_avatar_enabled = False
+        log.warning(
+            "avatar failed, carrying on audio-only: %s", reason, extra={"callId": self.call_id}
+        )
+        self._on_event({"type": "avatar", "state": "failed", "reason": reason})
+
+    async def _stop_avatar(self) -> None:
+        if self.avatar is not None:
+            with anyio.move_on_after(3, shield=True):
+                await self.avatar.stop()
+
     # -- the interview -------------------------------------------------------------------------
 
     async def run(self) -> dict[str, Any]:
@@ -241,6 +309,7 @@ class InterviewSession:
         settings = self.settings
         end_reason = "failed"
         try:
+            await self.prepare()
             await self._wait_for_candidate()
             if self._stop_reason is not None and self._director is None:
                 self.state = "ended"  # stopped before anyone connected: nothing was held
@@ -275,6 +344,8 @@ class InterviewSession:
         except Exception as exc:  # building the interview failed: still deliver a result
             log.exception("interview %s failed: %s", self.call_id, exc)
             end_reason = "failed"
+        finally:
+            await self._stop_avatar()
         self.state = "ended"
         return await self._deliver(end_reason)
 
@@ -322,10 +393,27 @@ class InterviewSession:
         # live audio must never wait behind a slow VAD; batch audio must never be lost
         graph.add(vad, policy="drop_oldest" if realtime else "block", capacity=100)
         graph.connect(ingress, vad)
-        graph.chain(vad, conversation, VoiceStage(providers.synthesizer), pacer)
+        voice = providers.voice or VoiceStage(providers.synthesizer)
+        graph.chain(vad, conversation, voice, pacer)
         egress = self.transport.egress()
-        graph.add(egress, policy="drop_oldest" if realtime else "block", capacity=50)
-        graph.connect(pacer, egress)
+        egress_policy: Literal["block", "drop_oldest"] = "drop_oldest" if realtime else "block"
+        graph.add(egress, policy=egress_policy, capacity=50)
+        avatar = self.avatar
+        if avatar is None:
+            graph.connect(pacer, egress)
+            return graph, conversation
+        from stages.heygen import MuteWhileAvatarLive
+
+        # The avatar speaks the voice's audio (lip-synced, in its own LiveKit room); it is a
+        # tap, degraded on failure. While it is live the candidate hears it, not our egress;
+        # a batch run (not real time) keeps writing the voice to its file.
+        graph.tap(voice, avatar, policy="drop_oldest", capacity=512)
+        if realtime:
+            mute = graph.add(MuteWhileAvatarLive(avatar), policy=egress_policy, capacity=50)
+            graph.connect(pacer, mute)
+            graph.connect(mute, egress)
+        else:
+            graph.connect(pacer, egress)
         return graph, conversation
 
     def _report_latency(self) -> None:
@@ -343,7 +431,10 @@ class InterviewSession:
     def _policies(self, graph: Graph) -> dict[str, FailurePolicy]:
         policies: dict[str, FailurePolicy] = {}
         if "avatar" in graph.stages:
-            policies["avatar"] = DEGRADE
+            policies["avatar"] = DEGRADE  # the interview carries on audio-only
+        # a provider hiccup (both the voice's websocket and its HTTP fallback failing) reopens
+        # the voice instead of failing the interview; a bad key still fails it after 3 tries
+        policies["voice"] = FailurePolicy("restart", max_restarts=3)
         return policies
 
     def _end_reason(self, director: Director, result: CallResult) -> str:
