@@ -45,7 +45,7 @@ import anyio
 
 from pipeline.frames import AgentAudio, AgentTextDelta
 from pipeline.stage import CallContext, Inbox, Outbox
-from stages.voice import ChunkerOptions, PhraseChunker
+from stages.voice import ChunkerOptions, ReplyPhrases
 
 DEFAULT_BASE_URL = "https://api.elevenlabs.io"
 DEFAULT_VOICE_ID = "21m00Tcm4TlvDq8ikWAM"  # "Rachel", the original service's voice
@@ -584,44 +584,6 @@ def _describe(exc: BaseException) -> str:
 # --- the stage ---------------------------------------------------------------------------------
 
 
-class _Reply:
-    """One reply in progress: its chunker, its phrase queue, its cancel scope."""
-
-    def __init__(self, frame: AgentTextDelta, options: ChunkerOptions) -> None:
-        self.epoch = frame.epoch
-        self.turn_id = frame.turn_id
-        self.chunker = PhraseChunker(options)
-        self.scope = anyio.CancelScope()
-        self.phrases_in, self.phrases_out = anyio.create_memory_object_stream[str](math.inf)
-        self.finished = False
-        self.done = anyio.Event()
-
-    def feed(self, frame: AgentTextDelta) -> None:
-        if self.turn_id is None:
-            self.turn_id = frame.turn_id
-        self._queue(self.chunker.feed(frame.text))
-        if frame.final:
-            self.finish()
-
-    def finish(self) -> None:
-        if not self.finished:
-            self.finished = True
-            self._queue(self.chunker.flush())
-            self.phrases_in.close()
-
-    def cancel(self) -> None:
-        self.finished = True
-        self.phrases_in.close()
-        self.scope.cancel()
-
-    def _queue(self, phrases: list[str]) -> None:
-        for phrase in phrases:
-            try:
-                self.phrases_in.send_nowait(phrase)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                return
-
-
 class ElevenLabsVoice:
     """Speaks the agent's replies with ElevenLabs; a drop-in for :class:`VoiceStage`.
 
@@ -661,7 +623,7 @@ class ElevenLabsVoice:
                     await http.aclose()
 
     async def _replies(self, ctx: CallContext, inbox: Inbox, outbox: Outbox) -> None:
-        reply: _Reply | None = None
+        reply: ReplyPhrases | None = None
         async with anyio.create_task_group() as tg:
             try:
                 async for frame in inbox:
@@ -671,7 +633,7 @@ class ElevenLabsVoice:
                     if ctx.control.is_stale(frame.epoch):
                         continue
                     if reply is None or frame.epoch > reply.epoch:
-                        previous, reply = reply, _Reply(frame, self.options.chunker)
+                        previous, reply = reply, ReplyPhrases(frame, self.options.chunker)
                         if previous is not None and ctx.control.is_stale(previous.epoch):
                             previous.cancel()
                         elif previous is not None:
@@ -685,7 +647,7 @@ class ElevenLabsVoice:
                     reply.finish()
 
     async def _speak(
-        self, ctx: CallContext, reply: _Reply, previous: _Reply | None, outbox: Outbox
+        self, ctx: CallContext, reply: ReplyPhrases, previous: ReplyPhrases | None, outbox: Outbox
     ) -> None:
         rate = self.sample_rate
         try:
@@ -703,7 +665,7 @@ class ElevenLabsVoice:
             reply.done.set()
 
     async def _say(
-        self, ctx: CallContext, reply: _Reply, tracker: AlignmentTracker, outbox: Outbox
+        self, ctx: CallContext, reply: ReplyPhrases, tracker: AlignmentTracker, outbox: Outbox
     ) -> None:
         socket, drops = self._socket, 0
         while socket is not None and drops <= self.options.max_resends:
@@ -725,7 +687,7 @@ class ElevenLabsVoice:
     async def _over_socket(
         self,
         ctx: CallContext,
-        reply: _Reply,
+        reply: ReplyPhrases,
         context: _Context,
         tracker: AlignmentTracker,
         outbox: Outbox,
@@ -753,7 +715,7 @@ class ElevenLabsVoice:
         return not dropped
 
     async def _feed_socket(
-        self, ctx: CallContext, reply: _Reply, context: _Context, tracker: AlignmentTracker
+        self, ctx: CallContext, reply: ReplyPhrases, context: _Context, tracker: AlignmentTracker
     ) -> None:
         socket = self._socket
         assert socket is not None
@@ -801,7 +763,7 @@ class ElevenLabsVoice:
         return self._client
 
     async def _over_http(
-        self, ctx: CallContext, reply: _Reply, tracker: AlignmentTracker, outbox: Outbox
+        self, ctx: CallContext, reply: ReplyPhrases, tracker: AlignmentTracker, outbox: Outbox
     ) -> None:
         """Speak the rest of the reply phrase by phrase over ``/stream`` (no alignment there:
         a phrase's text rides on its first chunk, as in :class:`VoiceStage`)."""

@@ -156,8 +156,9 @@ class VoiceOptions:
             raise ValueError("VoiceOptions.prefetch_chunks: must be at least 1")
 
 
-class _Reply:
-    """One reply in progress: its chunker, its phrase queue, its cancel scope."""
+class ReplyPhrases:
+    """One reply in progress: its chunker, its phrase queue, its cancel scope (shared by the
+    voice stages: the offline one here and ElevenLabs')."""
 
     def __init__(self, frame: AgentTextDelta, options: ChunkerOptions) -> None:
         self.epoch = frame.epoch
@@ -214,7 +215,7 @@ class VoiceStage:
         self.options = options or VoiceOptions()
 
     async def run(self, ctx: CallContext, inbox: Inbox, outbox: Outbox) -> None:
-        reply: _Reply | None = None
+        reply: ReplyPhrases | None = None
         async with anyio.create_task_group() as tg:
             try:
                 async for frame in inbox:
@@ -224,7 +225,7 @@ class VoiceStage:
                     if ctx.control.is_stale(frame.epoch):
                         continue  # the reply was interrupted: drop the rest of its text
                     if reply is None or frame.epoch > reply.epoch:
-                        previous, reply = reply, _Reply(frame, self.options.chunker)
+                        previous, reply = reply, ReplyPhrases(frame, self.options.chunker)
                         if previous is not None and ctx.control.is_stale(previous.epoch):
                             previous.cancel()  # the lane moved on: nobody will hear it
                         elif previous is not None:
@@ -239,7 +240,7 @@ class VoiceStage:
                     reply.finish()
 
     async def _speak(
-        self, ctx: CallContext, reply: _Reply, previous: _Reply | None, outbox: Outbox
+        self, ctx: CallContext, reply: ReplyPhrases, previous: ReplyPhrases | None, outbox: Outbox
     ) -> None:
         rate = self.synth.sample_rate
         send, receive = anyio.create_memory_object_stream[AgentAudio](self.options.prefetch_chunks)
@@ -259,7 +260,7 @@ class VoiceStage:
             reply.done.set()
 
     async def _synthesize(
-        self, ctx: CallContext, reply: _Reply, send: ObjectSendStream[AgentAudio]
+        self, ctx: CallContext, reply: ReplyPhrases, send: ObjectSendStream[AgentAudio]
     ) -> None:
         rate, epoch = self.synth.sample_rate, reply.epoch
         async with send:
