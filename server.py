@@ -354,7 +354,8 @@ def _routes(demo: bool = False) -> list[BaseRoute]:
 
 
 def _default_results(settings: Settings) -> Results:
-    from interview.results import ResultsService, signing_secret
+    from interview.outbox import ResultsService
+    from interview.results import signing_secret
 
     def secret(value: Any) -> str | None:
         return value.get_secret_value() if value is not None else None

@@ -56,7 +56,7 @@ class ServiceError(Exception):
 
 
 class Results(Protocol):
-    """What the manager needs of :class:`interview.results.ResultsService`."""
+    """What the manager needs of :class:`interview.outbox.ResultsService`."""
 
     async def admit(
         self,

@@ -24,8 +24,9 @@ from typing import Any, NoReturn
 import anyio
 
 from interview.config import ConfigError, Settings
+from interview.outbox import ResultsService
 from interview.plan import RequestError, parse_join_request
-from interview.results import ResultsService, signing_secret
+from interview.results import signing_secret
 from interview.session import Floor, InterviewSession
 from pipeline.audio import AudioFileError, WavAudio, read_wav, resample, silence, to_mono
 from pipeline.frames import AudioChunk

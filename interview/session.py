@@ -29,8 +29,9 @@ from interview import telemetry
 from interview.config import Settings
 from interview.conversation import Conversation
 from interview.director import Director
+from interview.outbox import ResultsService
 from interview.plan import JoinRequest
-from interview.results import ResultsService, Transcript, completion_payload
+from interview.results import Transcript, completion_payload
 from pipeline.clock import Clock, MonotonicClock
 from pipeline.graph import Graph
 from pipeline.stage import CallContext, Inbox, Outbox, Stage

@@ -22,12 +22,10 @@ from fakes.webhook import FakeWebhook, RecordedRequest, Reply
 from hypothesis import given
 from hypothesis import strategies as st
 
+from interview.outbox import DeliveryOptions, OutboxOptions, ResultsService
 from interview.results import (
     SIGNATURE_HEADER,
     WEBHOOK_PATH,
-    DeliveryOptions,
-    OutboxOptions,
-    ResultsService,
     Transcript,
     completion_payload,
     completion_status,
@@ -481,7 +479,7 @@ def test_a_fresh_checkpoint_of_another_live_instance_is_left_alone(tmp_path: Pat
 
 CRASHING_PROCESS = """
 import json, sys, anyio
-from interview.results import OutboxOptions, ResultsService
+from interview.outbox import OutboxOptions, ResultsService
 
 async def main(outbox, entries):
     options = OutboxOptions(checkpoint_interval_s=0.01)
