@@ -272,6 +272,10 @@ class AvatarStage:
         self._ws: Any = None
         self._queue_in: Any = None
         self._solo: int | None = None  # a reply in progress before going live (not ours)
+        self._last_solo: int | None = None  # the last reply the agent spoke alone
+        self.live_from = 0
+        """The first reply (epoch) the avatar speaks: replies before it are the agent's alone
+        and must stay audible to the end, even if the avatar goes live while they play."""
         self._epoch: int | None = None  # the reply being sent to the avatar
         self._event_id = ""
         self._buf = bytearray()
@@ -302,6 +306,11 @@ class AvatarStage:
             log.warning("avatar: stop failed: %s", exc)
         finally:
             await client.aclose()
+
+    def _go_live(self, first_epoch: int | None) -> None:
+        """Live from reply ``first_epoch`` on (None: whatever comes next)."""
+        self.live_from = first_epoch if first_epoch is not None else 0
+        self._set_state(True, "connected")
 
     def _set_state(self, live: bool, reason: str) -> None:
         self.live = live
@@ -356,7 +365,7 @@ class AvatarStage:
         self._connected = True
         ctx.log.info("avatar: LiveAvatar session %s connected", self.session.session_id)
         if self._solo is None:
-            self._set_state(True, "connected")
+            self._go_live(None if self._last_solo is None else self._last_solo + 1)
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._read, ws)
             tg.start_soon(self._keepalive, ctx)
@@ -405,11 +414,12 @@ class AvatarStage:
                 boundary = self._solo is None or frame.epoch != self._solo
                 if self._connected and self.failure is None and boundary:
                     self._solo = None
-                    self._set_state(True, "connected")
+                    self._go_live(frame.epoch)
                 else:  # the agent speaks this reply alone
                     self._solo = None if frame.final else frame.epoch
+                    self._last_solo = frame.epoch
                     if frame.final and self._connected and self.failure is None:
-                        self._set_state(True, "connected")  # live from the next reply on
+                        self._go_live(frame.epoch + 1)  # live from the next reply on
                     continue
             if frame.epoch != self._epoch:
                 self._end_reply()
@@ -551,7 +561,8 @@ class MuteWhileAvatarLive:
     """Between the pacer and a live transport's egress: while the avatar is live the candidate
     hears the avatar's lip-synced voice from its LiveKit room, so the agent's own frames go out
     silent (same cadence, index and epoch: the transport's timing and the playback reports are
-    untouched). The moment the avatar fails, frames are heard again, mid-reply if need be."""
+    untouched). Replies from before the avatar went live are heard to their end. The moment the
+    avatar fails, frames are heard again, mid-reply if need be."""
 
     def __init__(self, avatar: AvatarStage, name: str = "avatar_mute") -> None:
         self.avatar = avatar
@@ -561,7 +572,13 @@ class MuteWhileAvatarLive:
     async def run(self, ctx: CallContext, inbox: Inbox, outbox: Outbox) -> None:
         avatar = self.avatar
         async for frame in inbox:
-            if avatar.live and isinstance(frame, EgressFrame) and not frame.silent:
+            if (
+                avatar.live
+                and isinstance(frame, EgressFrame)
+                and not frame.silent
+                and frame.epoch is not None
+                and frame.epoch >= avatar.live_from
+            ):
                 frame = dataclasses.replace(frame, pcm=bytes(len(frame.pcm)))
                 self.muted += 1
             await outbox.send(frame)
