@@ -105,6 +105,7 @@ class Conversation:
                         self._start(tg, ctx, outbox, turn)
                 # the inbox ended (the candidate's audio is over): let the last reply finish
         finally:
+            self._tg = self._outbox = None  # say() after this point just ends the interview
             with ctx.cleanup_scope():
                 await self.brain.aclose()
 
@@ -183,6 +184,12 @@ class Conversation:
                     )
                 elif isinstance(event, ToolCalled):
                     ctx.log.info("tool %s(%s) -> %s", event.name, event.args, event.result)
+                    if reply.text and not reply.text[-1][-1:].isspace():
+                        # The text so far is complete until the model writes again (a second
+                        # request after the tool): let the voice's chunker cut it now, rather
+                        # than wait for the next words' whitespace (measured: ~220 ms).
+                        reply.text.append(" ")
+                        await outbox.send(AgentTextDelta(turn.epoch, " ", turn.turn_id))
             await outbox.send(AgentTextDelta(turn.epoch, "", turn.turn_id, final=True))
         reply.generated = True
         if not reply.text:  # nothing to play: it is finished as soon as it is generated
