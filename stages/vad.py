@@ -65,6 +65,9 @@ VAD_RATE = 16000
 FRAME_MS = 20
 """One decision per 20 ms frame."""
 FRAME_S = FRAME_MS / 1000.0
+REANCHOR_S = 0.1
+"""The audio clock may run this far ahead of the capture clock (jitter) before the VAD follows
+the capture clock back, between utterances only (so turn times stay monotonic)."""
 BLOCK_MS = 5
 """Resolution at which the energy gate locates a sound inside a frame (for barge-in timing)."""
 _BLOCK = VAD_RATE * BLOCK_MS // 1000  # samples per block
@@ -555,6 +558,17 @@ class VadFrontEnd:
         out.append(self._resampler.process(mono))
         return self._frame(b"".join(out))
 
+    def behind_by(self, capture_time: float) -> float:
+        """How far ``capture_time`` is behind where this front end expects the next chunk."""
+        return 0.0 if self._t0 is None else self._in_expected - capture_time
+
+    def reanchor(self, capture_time: float) -> None:
+        """Follow a capture clock that moved back (a burst of queued packets stamped on arrival
+        ran the audio clock ahead of it): frames from now on are timed from ``capture_time``."""
+        if self._t0 is not None:
+            self._t0 -= self._in_expected - capture_time
+            self._in_expected = capture_time
+
     def flush(self) -> list[VadFrame]:
         """Drain the resampler and pad the last partial frame with silence."""
         tail = self._resampler.flush() if self._resampler is not None else b""
@@ -620,6 +634,11 @@ class VadStage:
             if isinstance(frame, AudioChunk):
                 if self.forward_audio:
                     await outbox.send(frame)
+                if (
+                    front.behind_by(frame.capture_time) > REANCHOR_S
+                    and turns.machine.state is VadState.QUIET
+                ):
+                    front.reanchor(frame.capture_time)
                 vad_frames = front.push(
                     frame.pcm, frame.sample_rate, frame.channels, frame.capture_time
                 )
