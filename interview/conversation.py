@@ -210,7 +210,7 @@ class Conversation:
     def _finish(self, reply: _Reply, heard: str, *, completed: bool) -> None:
         if self._pending.pop(reply.epoch, None) is None:
             return
-        heard = heard.strip()
+        heard = " ".join(heard.split())  # deltas and separators may double the spaces
         if heard:
             self.director.agent_said(heard, reply.epoch, completed)
         self.brain.heard(reply.epoch, heard, completed)
