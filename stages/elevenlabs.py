@@ -43,9 +43,9 @@ from typing import Any, Literal
 
 import anyio
 
-from pipeline.frames import AgentAudio, AgentTextDelta
+from pipeline.frames import AgentAudio
 from pipeline.stage import CallContext, Inbox, Outbox
-from stages.voice import ChunkerOptions, ReplyPhrases
+from stages.voice import ChunkerOptions, ReplyPhrases, dispatch_replies
 
 DEFAULT_BASE_URL = "https://api.elevenlabs.io"
 DEFAULT_VOICE_ID = "21m00Tcm4TlvDq8ikWAM"  # "Rachel", the original service's voice
@@ -623,28 +623,7 @@ class ElevenLabsVoice:
                     await http.aclose()
 
     async def _replies(self, ctx: CallContext, inbox: Inbox, outbox: Outbox) -> None:
-        reply: ReplyPhrases | None = None
-        async with anyio.create_task_group() as tg:
-            try:
-                async for frame in inbox:
-                    if not isinstance(frame, AgentTextDelta):
-                        await outbox.send(frame)
-                        continue
-                    if ctx.control.is_stale(frame.epoch):
-                        continue
-                    if reply is None or frame.epoch > reply.epoch:
-                        previous, reply = reply, ReplyPhrases(frame, self.options.chunker)
-                        if previous is not None and ctx.control.is_stale(previous.epoch):
-                            previous.cancel()
-                        elif previous is not None:
-                            previous.finish()
-                        tg.start_soon(self._speak, ctx, reply, previous, outbox)
-                    elif frame.epoch < reply.epoch or reply.finished:
-                        continue
-                    reply.feed(frame)
-            finally:
-                if reply is not None:
-                    reply.finish()
+        await dispatch_replies(ctx, inbox, outbox, self.options.chunker, self._speak)
 
     async def _speak(
         self, ctx: CallContext, reply: ReplyPhrases, previous: ReplyPhrases | None, outbox: Outbox

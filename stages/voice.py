@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import anyio
 from anyio.abc import ObjectSendStream
@@ -196,6 +196,42 @@ class ReplyPhrases:
                 return  # the reply was cut short: nobody will speak the rest
 
 
+SpeakFn = Callable[
+    [CallContext, ReplyPhrases, "ReplyPhrases | None", Outbox], Coroutine[Any, Any, None]
+]
+
+
+async def dispatch_replies(
+    ctx: CallContext, inbox: Inbox, outbox: Outbox, chunker: ChunkerOptions, speak: SpeakFn
+) -> None:
+    """The reply bookkeeping every voice stage shares: text deltas are grouped by reply
+    (epoch) and fed to that reply's phrase queue; each new reply gets a ``speak`` task that
+    waits for the previous reply to finish first; stale text is dropped; other frames pass."""
+    reply: ReplyPhrases | None = None
+    async with anyio.create_task_group() as tg:
+        try:
+            async for frame in inbox:
+                if not isinstance(frame, AgentTextDelta):
+                    await outbox.send(frame)
+                    continue
+                if ctx.control.is_stale(frame.epoch):
+                    continue  # the reply was interrupted: drop the rest of its text
+                if reply is None or frame.epoch > reply.epoch:
+                    previous, reply = reply, ReplyPhrases(frame, chunker)
+                    if previous is not None and ctx.control.is_stale(previous.epoch):
+                        previous.cancel()  # the lane moved on: nobody will hear it
+                    elif previous is not None:
+                        previous.finish()  # a newer reply began: the older one's text is all in
+                    tg.start_soon(speak, ctx, reply, previous, outbox)
+                elif frame.epoch < reply.epoch or reply.finished:
+                    continue  # text of an older reply, or after its final delta
+                reply.feed(frame)
+        finally:
+            # The inbox ended (or we are being cancelled): say what is left of the reply.
+            if reply is not None:
+                reply.finish()
+
+
 class VoiceStage:
     """Speaks the agent's replies: :class:`AgentTextDelta` in, :class:`AgentAudio` out.
 
@@ -215,29 +251,7 @@ class VoiceStage:
         self.options = options or VoiceOptions()
 
     async def run(self, ctx: CallContext, inbox: Inbox, outbox: Outbox) -> None:
-        reply: ReplyPhrases | None = None
-        async with anyio.create_task_group() as tg:
-            try:
-                async for frame in inbox:
-                    if not isinstance(frame, AgentTextDelta):
-                        await outbox.send(frame)
-                        continue
-                    if ctx.control.is_stale(frame.epoch):
-                        continue  # the reply was interrupted: drop the rest of its text
-                    if reply is None or frame.epoch > reply.epoch:
-                        previous, reply = reply, ReplyPhrases(frame, self.options.chunker)
-                        if previous is not None and ctx.control.is_stale(previous.epoch):
-                            previous.cancel()  # the lane moved on: nobody will hear it
-                        elif previous is not None:
-                            previous.finish()  # a newer reply began: the older one's text is all in
-                        tg.start_soon(self._speak, ctx, reply, previous, outbox)
-                    elif frame.epoch < reply.epoch or reply.finished:
-                        continue  # text of an older reply, or after its final delta
-                    reply.feed(frame)
-            finally:
-                # The inbox ended (or we are being cancelled): say what is left of the reply.
-                if reply is not None:
-                    reply.finish()
+        await dispatch_replies(ctx, inbox, outbox, self.options.chunker, self._speak)
 
     async def _speak(
         self, ctx: CallContext, reply: ReplyPhrases, previous: ReplyPhrases | None, outbox: Outbox
